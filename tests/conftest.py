@@ -1,0 +1,17 @@
+"""Fixtures: every supported timm flavour, and a batch of images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FLAVOURS
+
+
+@pytest.fixture(params=sorted(FLAVOURS))
+def flavour(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -1,0 +1,340 @@
+"""patch()/unpatch() on timm ViTs of every supported flavour, against independent computations."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import timm
+import torch
+from reference import eager_attention, reference_logits
+from timm.models.vision_transformer import VisionTransformer
+from tiny_models import make_model
+
+import tokenmerge_patch as tm
+from tokenmerge_patch.backends.capture import CaptureOutputs
+from tokenmerge_patch.reduce import class_attention
+
+
+def test_keep_rate_one_equals_unpatched(flavour: str, images: torch.Tensor) -> None:
+    model = make_model(flavour)
+    with torch.no_grad():
+        expected = model(images)
+        tm.patch(model, layers=(0, 1, 2, 3), keep_rate=1.0)
+        patched = model(images)
+    assert (patched - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["merge", "drop"])
+def test_matches_independent_eager_reference(flavour: str, images: torch.Tensor, method: str) -> None:
+    model = make_model(flavour)
+    plan = {1: 0.7, 2: 0.5}
+    expected, counts = reference_logits(model, images, plan, method=method)
+    tm.patch(model, layers=tuple(plan), keep_rate=tuple(plan.values()), method=method)
+    with torch.no_grad():
+        patched = model(images)
+        assert tm.token_counts(model, images[:1]) == counts[0]
+    torch.testing.assert_close(patched, expected, atol=1e-4, rtol=1e-4)
+    # and the reduction really changed the output
+    assert (patched - tm.unpatch(model)(images)).abs().max() > 1e-3
+
+
+def test_merge_into_cls_matches_reference(images: torch.Tensor) -> None:
+    model = make_model("vit")
+    expected, _ = reference_logits(model, images, {1: 0.5, 3: 0.5}, merge_into_cls=True)
+    tm.patch(model, layers=(1, 3), keep_rate=0.5, merge_into_cls=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_image_size_matches_reference() -> None:
+    model = make_model("dynamic")
+    images = torch.randn(2, 3, 40, 24)
+    expected, counts = reference_logits(model, images, {1: 0.6})
+    tm.patch(model, layers=1, keep_rate=0.6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), expected, atol=1e-4, rtol=1e-4)
+    assert counts[0][1] == 1 + 36  # 10 x 6 = 60 patches, keep ceil(0.6 * 60)
+
+
+def test_deit_small_token_counts() -> None:
+    model = timm.create_model("deit_small_patch16_224")
+    tm.patch(model, layers=(3, 6, 9), keep_rate=0.7)
+    counts = tm.token_counts(model, torch.randn(1, 3, 224, 224))
+    assert counts == [197] * 3 + [139] * 3 + [98] * 3 + [69] * 3
+    assert [(r.tokens_in, r.tokens_out) for r in tm.reduction_trace(model).values()] == [
+        (197, 139),
+        (139, 98),
+        (98, 69),
+    ]
+
+
+def test_distilled_keeps_both_prefix_tokens(images: torch.Tensor) -> None:
+    model = make_model("distilled")
+    tm.patch(model, layers=(0, 2), keep_rate=0.25)
+    with torch.no_grad():
+        assert tm.token_counts(model, images) == [2 + 16, 2 + 16, 2 + 4, 2 + 4]
+
+
+def test_default_layers_are_the_papers() -> None:
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=3)
+    tm.patch(model)
+    assert tm.patch_config(model).layers == (3, 6, 9)
+    assert tm.patch_config(model).keep_rates == (0.7, 0.7, 0.7)
+    assert tm.default_layers(6) == (1, 3, 4)
+
+
+def test_unpatch_is_bit_exact_and_leaves_nothing_behind(flavour: str, images: torch.Tensor) -> None:
+    model = make_model(flavour)
+    dict_before = {name: set(module.__dict__) for name, module in model.named_modules()}
+    hooks_before = {name: len(module._forward_pre_hooks) for name, module in model.named_modules()}
+    with torch.no_grad():
+        expected = model(images)
+        tm.patch(model, layers=(1, 2), keep_rate=0.5)
+        assert tm.is_patched(model)
+        model(images)
+        tm.unpatch(model)
+        after = model(images)
+    assert torch.equal(after, expected)
+    assert not tm.is_patched(model)
+    assert {name: set(module.__dict__) for name, module in model.named_modules()} == dict_before
+    assert {name: len(module._forward_pre_hooks) for name, module in model.named_modules()} == hooks_before
+
+
+def test_unpatch_restores_a_users_own_instance_attribute(images: torch.Tensor) -> None:
+    model = make_model("avg_pool")
+
+    def users_pool(x, pool_type=None):
+        return x[:, 1:].amax(dim=1)
+
+    model.pool = users_pool
+    tm.patch(model, keep_rate=0.5)
+    tm.unpatch(model)
+    assert model.pool is users_pool
+
+
+def test_patching_twice_reconfigures(images: torch.Tensor) -> None:
+    model = make_model("vit")
+    tm.patch(model, layers=(0, 1), keep_rate=0.5)
+    tm.patch(model, layers=(2,), keep_rate=0.25, method="drop")
+    assert tm.patch_config(model).layers == (2,)
+    assert model.blocks[0].__dict__.get("forward") is None
+    with torch.no_grad():
+        assert tm.token_counts(model, images) == [65, 65, 17, 17]
+    tm.unpatch(model)
+    assert all("forward" not in block.__dict__ for block in model.blocks)
+
+
+def test_state_dict_unchanged() -> None:
+    model = make_model("registers_dinov2")
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    tm.patch(model, keep_rate=0.5)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[key], before[key]) for key in before)
+
+
+def test_in_place_identity_and_hooks(images: torch.Tensor) -> None:
+    model = make_model("qk_norm")
+    blocks = list(model.blocks)
+    submodules = {name: module for name, module in model.named_modules()}
+    seen = []
+    model.blocks[1].register_forward_hook(lambda _m, _i, out: seen.append(out.shape[1]))
+    assert tm.patch(model, layers=(1,), keep_rate=0.5) is model
+    assert list(model.blocks) == blocks
+    assert {name: module for name, module in model.named_modules()} == submodules
+    assert type(model.blocks[1]) is type(blocks[0])
+    with torch.no_grad():
+        model(images)
+        assert seen == [1 + 32]
+        # a block that is not chosen is untouched and still works on its own
+        tokens = torch.randn(2, 65, 32)
+        assert "forward" not in model.blocks[0].__dict__
+        assert model.blocks[0](tokens).shape == tokens.shape
+
+
+def test_sdpa_scores_equal_eager_scores() -> None:
+    model = make_model("qk_norm")
+    block = model.blocks[1]
+    assert block.attn.fused_attn, "timm should use fused attention here"
+    x = torch.randn(2, 65, 32)
+    with torch.no_grad(), CaptureOutputs(block.attn.q_norm, block.attn.k_norm) as captured:
+        block.attn(block.norm1(x))
+        q, k = captured.require("q/k")
+        fast = class_attention(q, k, block.attn.scale)
+        eager = torch.stack([eager_attention(block.attn, block.norm1(img))[1][:, 0].mean(0) for img in x])
+    torch.testing.assert_close(fast, eager, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_attention_stays_on() -> None:
+    model = make_model("vit")
+    tm.patch(model, keep_rate=0.5)
+    assert all(block.attn.fused_attn for block in model.blocks)
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return original(*args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = counting
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    # default layers (1, 2, 3) at 0.5: each reducing block attends over the tokens it receives
+    assert calls == [65, 65, 33, 17]
+
+
+def test_deepcopy_and_pickle(images: torch.Tensor) -> None:
+    model = make_model("head_dim")
+    tm.patch(model, layers=(1, 2), keep_rate=0.5, trace_source=True)
+    with torch.no_grad():
+        expected = model(images)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert tm.is_patched(clone)
+        assert clone.blocks[1].forward.block is clone.blocks[1]
+        with torch.no_grad():
+            assert torch.equal(clone(images), expected)
+        tm.unpatch(clone)
+        assert tm.is_patched(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), expected)
+
+
+def test_backward_reaches_every_parameter(flavour: str, images: torch.Tensor) -> None:
+    model = make_model(flavour).train()
+    tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    out = model(images)
+    out = out[0] + out[1] if isinstance(out, tuple) else out  # distilled models in training mode
+    out.square().sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert missing == []
+
+
+def test_gradient_checkpointing_recomputes_the_same_reduction(images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    plain, checkpointed = make_model("avg_pool").train(), make_model("avg_pool").train()
+    checkpointed.set_grad_checkpointing(True)
+    grads = []
+    for model in (plain, checkpointed):
+        tm.patch(model, layers=(1, 2), keep_rate=0.5)
+        model(images).square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bfloat16_and_batch_size_one() -> None:
+    model = make_model("layerscale_deit3")
+    image = torch.randn(1, 3, 32, 32)
+    tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    with torch.no_grad():
+        full = model(image)
+        low = model.to(torch.bfloat16)(image.bfloat16())
+    assert low.dtype == torch.bfloat16 and low.shape == (1, 5)
+    assert (low.float() - full).abs().max() < 0.1 * full.abs().max()
+
+
+def test_avg_pool_is_size_weighted(images: torch.Tensor) -> None:
+    model = make_model("avg_pool")
+    tm.patch(model, layers=(3,), keep_rate=0.5)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        sizes = tm.reduction_trace(model)[3].sizes
+        weighted = (features[:, 1:] * sizes[:, 1:, None]).sum(1) / sizes[:, 1:].sum(1, keepdim=True)
+        assert not torch.allclose(weighted, features[:, 1:].mean(1))
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True), model.fc_norm(weighted))
+
+
+def test_state_is_reset_every_forward(images: torch.Tensor) -> None:
+    model = make_model("vit")
+    tm.patch(model, layers=(1, 2), keep_rate=0.5, trace_source=True)
+    with torch.no_grad():
+        model(images)
+        first = tm.reduction_trace(model)
+        assert first[2].source.shape == (3, 64)
+        model.patch_embed(images)  # the next forward begins
+        assert tm.reduction_trace(model) == {}
+        model(images[:1])
+        assert tm.reduction_trace(model)[2].sizes.shape == (1, 17)
+    assert pickle.loads(pickle.dumps(model))._tokenmerge.records == {}
+
+
+# -- bad input: a clear error, and the model exactly as it was ------------------------------------
+
+BAD_INPUTS = [
+    (dict(keep_rate=0.0), ValueError, r"keep_rate must be in \(0, 1\]"),
+    (dict(keep_rate=1.5), ValueError, r"keep_rate must be in \(0, 1\]"),
+    (dict(keep_rate=float("nan")), ValueError, r"keep_rate must be in \(0, 1\]"),
+    (dict(keep_rate="0.7"), TypeError, "keep_rate must be a float"),
+    (dict(keep_rate=True), TypeError, "keep_rate must be a float"),
+    (dict(layers=(1, 4)), ValueError, r"block index 4 is out of range; the model has blocks 0\.\.3"),
+    (dict(layers=(-1,)), ValueError, "out of range"),
+    (dict(layers=(1, 1)), ValueError, r"repeated: \[1\]"),
+    (dict(layers=()), ValueError, "at least one block"),
+    (dict(layers=(1.0,)), TypeError, "layers must hold block indices"),
+    (dict(layers="12"), TypeError, "layers must be None, an int or a sequence"),
+    (dict(layers=(1, 2), keep_rate=(0.5,)), ValueError, "keep_rate has 1 rates but 2 layers"),
+    (dict(method="prune"), ValueError, "method must be one of"),
+    (dict(method="drop", merge_into_cls=True), ValueError, "merge_into_cls applies to method='merge'"),
+    (dict(trace_source=1), TypeError, "trace_source must be a bool"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD_INPUTS)
+@pytest.mark.parametrize("already_patched", [False, True])
+def test_bad_input_leaves_model_untouched(kwargs, error, message, already_patched, images) -> None:
+    model = make_model("vit")
+    if already_patched:
+        tm.patch(model, layers=(2,), keep_rate=0.5)
+    config = tm.patch_config(model)
+    with torch.no_grad():
+        expected = model(images)
+    with pytest.raises(error, match=message):
+        tm.patch(model, **kwargs)
+    assert tm.patch_config(model) == config
+    with torch.no_grad():
+        assert torch.equal(model(images), expected)
+
+
+def test_model_without_class_token() -> None:
+    model = VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, class_token=False, global_pool="avg"
+    )
+    with pytest.raises(ValueError, match="no class token"):
+        tm.patch(model)
+    assert not tm.is_patched(model)
+
+
+def test_unsupported_models_are_named() -> None:
+    with pytest.raises(TypeError, match="supports timm VisionTransformer"):
+        tm.patch(timm.create_model("resnet18"))
+    with pytest.raises(TypeError, match=r"must be a torch\.nn\.Module"):
+        tm.patch("deit_small_patch16_224")
+    eva = timm.create_model("eva02_tiny_patch14_224", img_size=56)
+    with pytest.raises(TypeError, match="supports timm VisionTransformer"):
+        tm.patch(eva)
+
+
+def test_unsupported_block_or_attention_is_refused() -> None:
+    from timm.models.vision_transformer import ResPostBlock
+
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, block_fn=ResPostBlock)
+    with pytest.raises(TypeError, match="ResPostBlock"):
+        tm.patch(model, keep_rate=0.5)
+    assert not tm.is_patched(model) and "forward" not in model.blocks[1].__dict__
+
+
+def test_masks_are_refused_clearly(images: torch.Tensor) -> None:
+    model = make_model("vit")
+    tm.patch(model, layers=(1,), keep_rate=0.5)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model(images, attn_mask=torch.zeros(65, 65))

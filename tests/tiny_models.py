@@ -1,0 +1,60 @@
+"""Tiny timm ViTs of every supported flavour (random weights) and the ../shared paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from timm.layers import Attention, LayerNorm
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+from tokenmerge_patch.checkpoint import build_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MNIST_DIR = SHARED / "data" / "mnist"
+CIFAR_NPZ = SHARED / "data" / "cifar10" / "test.npz"
+MNIST_MODEL = SHARED / "models" / "vit_mnist_tiny"
+
+needs_shared = pytest.mark.skipif(
+    not (MNIST_DIR.is_dir() and MNIST_MODEL.is_dir()),
+    reason=f"../shared (real MNIST data and pretrained model) not found at {SHARED}",
+)
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights far from timm's near-zero init, so attention is far from uniform and every
+    parameter (LayerScale, norms, biases) matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def _gated_scale_norm() -> VisionTransformer:
+    model = VisionTransformer(**TINY)
+    for block in model.blocks:
+        block.attn = Attention(32, num_heads=2, qkv_bias=True, scale_norm=True, gated=True, norm_layer=LayerNorm)
+    return model
+
+
+FLAVOURS = {
+    "vit": lambda: VisionTransformer(**TINY),
+    "distilled": lambda: VisionTransformerDistilled(**TINY),
+    "layerscale_deit3": lambda: VisionTransformer(**TINY, init_values=0.5, no_embed_class=True),
+    "registers_dinov2": lambda: VisionTransformer(**TINY, init_values=0.5, reg_tokens=4, no_embed_class=True),
+    "qk_norm": lambda: VisionTransformer(**TINY, qk_norm=True),
+    "head_dim": lambda: build_model({**TINY, "attn_head_dim": 24, "act_layer": "relu", "qkv_bias": False}),
+    "dynamic": lambda: VisionTransformer(**TINY, dynamic_img_size=True),
+    "avg_pool": lambda: VisionTransformer(**TINY, global_pool="avg", fc_norm=True),
+    "gated_scale_norm": _gated_scale_norm,
+}
+
+
+def make_model(flavour: str, seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return _perturb(FLAVOURS[flavour](), seed)

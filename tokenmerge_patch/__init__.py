@@ -1,0 +1,40 @@
+"""tokenmerge_patch: make a pretrained Vision Transformer cheaper in place, without retraining.
+
+``patch(model, layers=None, keep_rate=0.7)`` makes the chosen blocks keep the tokens the class token
+attends to most and merge every other token into its most similar kept token (arXiv 2306.04897).
+
+>>> import timm, torch, tokenmerge_patch
+>>> model = timm.create_model("deit_tiny_patch16_224")
+>>> _ = tokenmerge_patch.patch(model, keep_rate=0.7)
+>>> model(torch.randn(2, 3, 224, 224)).shape
+torch.Size([2, 1000])
+>>> _ = tokenmerge_patch.unpatch(model)
+"""
+
+from .patch import (
+    LayerRecord,
+    PatchConfig,
+    is_patched,
+    patch,
+    patch_config,
+    reduction_trace,
+    token_counts,
+    unpatch,
+)
+from .reduce import kept_count, reduce_tokens
+from .schedule import default_layers
+
+__all__ = [
+    "LayerRecord",
+    "PatchConfig",
+    "default_layers",
+    "is_patched",
+    "kept_count",
+    "patch",
+    "patch_config",
+    "reduce_tokens",
+    "reduction_trace",
+    "token_counts",
+    "unpatch",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,57 @@
+"""Backends: thin adapters that say where a model's class-token scores come from, which tokens are
+prefix tokens, and where in a block the reduction happens. The reduction itself is ``reduce.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..patch import TokenMergeState
+
+
+class Backend(Protocol):
+    name: str
+
+    def claims(self, model: nn.Module) -> bool:
+        """Whether this backend handles ``model``'s family (even if some blocks are unsupported)."""
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer blocks, in order."""
+
+    def check(self, model: nn.Module, layers: Sequence[int]) -> int:
+        """Raise ``TypeError``/``ValueError`` if ``model`` cannot reduce at ``layers``; return the number
+        of prefix tokens."""
+
+    def install(self, model: nn.Module, state: TokenMergeState) -> None:
+        """Install the reduction through ``state.override`` / ``state.add_reset_hook`` only."""
+
+    def tokens_of(self, block_output: object) -> int:
+        """Number of tokens in what a block returned."""
+
+
+SUPPORTED = (
+    "timm VisionTransformer models built from timm's Block and Attention (vit_*, deit_*, "
+    "deit_*_distilled, deit3_*, *_dinov2, register-token models, qk-norm models)"
+)
+
+
+def _backends() -> list[Backend]:
+    from . import timm as timm_backend
+
+    found: list[Backend] = [timm_backend.BACKEND]
+    try:
+        from . import hf as hf_backend
+    except ImportError:  # transformers is an optional extra
+        return found
+    return [*found, hf_backend.BACKEND]
+
+
+def find_backend(model: nn.Module) -> Backend:
+    """The backend that handles ``model``; ``TypeError`` naming what is supported otherwise."""
+    for backend in _backends():
+        if backend.claims(model):
+            return backend
+    raise TypeError(f"tokenmerge_patch supports {SUPPORTED}; got {type(model).__module__}.{type(model).__name__}")
