@@ -10,11 +10,11 @@ import torch
 from tokenmerge_patch.reduce import (
     class_attention,
     cosine_assignment,
+    group_weighted_mean,
     kept_count,
     reduce_tokens,
     size_weighted_mean,
     split_crucial,
-    weighted_merge,
 )
 
 
@@ -51,7 +51,10 @@ def test_weighted_merge_by_hand() -> None:
     tokens = torch.tensor([[[1.0, 0.1], [0.1, 1.0], [3.0, 0.0]]])
     assignment = cosine_assignment(tokens, targets)
     assert assignment.tolist() == [[0, 1, 0]]
-    merged = weighted_merge(targets, torch.tensor([[0.4, 0.2]]), tokens, torch.tensor([[0.1, 0.1, 0.2]]), assignment)
+    # members: the two targets, then the three tokens; group = own slot for targets, assignment for tokens
+    members = torch.cat([targets, tokens], dim=1)
+    group = torch.cat([torch.tensor([[0, 1]]), assignment], dim=1)
+    merged = group_weighted_mean(members, torch.tensor([[0.4, 0.2, 0.1, 0.1, 0.2]]), group, 2)
     first = (0.4 * torch.tensor([1.0, 0.0]) + 0.1 * torch.tensor([1.0, 0.1]) + 0.2 * torch.tensor([3.0, 0.0])) / 0.7
     second = (0.2 * torch.tensor([0.0, 1.0]) + 0.1 * torch.tensor([0.1, 1.0])) / 0.3
     torch.testing.assert_close(merged[0], torch.stack([first, second]))

@@ -59,10 +59,12 @@ def class_attention(q: Tensor, k: Tensor, scale: float, attn_bias: Tensor | None
     Returns:
         ``[B, N]`` float32 scores: ``mean_h softmax(q_cls * scale @ k^T)``; each row sums to 1.
     """
-    logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)  # [B, H, 1, N]
+    # k @ q_cls^T rather than q_cls @ k^T: k is a strided view of the fused qkv projection, and only
+    # this order lets the matmul read it in place instead of copying it (4x faster on CPU).
+    logits = (k.float() @ (q[:, :, :1].float() * scale).transpose(-2, -1)).squeeze(-1)  # [B, H, N]
     if attn_bias is not None:
-        logits = logits + attn_bias.float()
-    return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
+        logits = logits + attn_bias.float().squeeze(-2)
+    return logits.softmax(dim=-1).mean(dim=1)
 
 
 def split_crucial(patch_scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
@@ -78,8 +80,16 @@ def split_crucial(patch_scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x[b, index[b, j]]`` for ``x`` of shape ``[B, N, C]`` and ``index`` of shape ``[B, M]``."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """``x[b, index[b, j]]`` for ``x`` of shape ``[B, N, C]`` and ``index`` of shape ``[B, M]``.
+
+    A row ``index_select`` on the flattened tokens: several times faster on CPU than ``torch.gather``
+    with an expanded index, and its backward is an ``index_add``.
+    """
+    batch, num_tokens, channels = x.shape
+    offsets = torch.arange(batch, device=x.device).unsqueeze(1) * num_tokens
+    return (
+        x.reshape(batch * num_tokens, channels).index_select(0, (index + offsets).reshape(-1)).view(batch, -1, channels)
+    )
 
 
 def cosine_assignment(tokens: Tensor, targets: Tensor) -> Tensor:
@@ -88,22 +98,25 @@ def cosine_assignment(tokens: Tensor, targets: Tensor) -> Tensor:
     return similarity.argmax(dim=-1)
 
 
-def weighted_merge(
-    targets: Tensor, target_weights: Tensor, tokens: Tensor, token_weights: Tensor, assignment: Tensor
-) -> Tensor:
-    """Eq. 4: ``m_j = (w_j * t_j + sum_{u -> j} w_u * u) / (w_j + sum_{u -> j} w_u)``.
+def group_sum(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    """``out[b, g] = sum_{i: group[b, i] = g} values[b, i]`` for ``values`` ``[B, M]`` or ``[B, M, C]``."""
+    batch, members = group.shape
+    flat_group = (group + torch.arange(batch, device=group.device).unsqueeze(1) * num_groups).reshape(-1)
+    flat = values.reshape(batch * members, *values.shape[2:])
+    out = flat.new_zeros(batch * num_groups, *values.shape[2:]).index_add_(0, flat_group, flat)
+    return out.view(batch, num_groups, *values.shape[2:])
+
+
+def group_weighted_mean(tokens: Tensor, weights: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    """Eq. 4 for every group at once: ``m_g = sum_{i in g} w_i x_i / sum_{i in g} w_i``.
 
     Args:
-        targets: ``[B, K, C]`` tokens that absorb others, with weights ``target_weights`` ``[B, K]``.
-        tokens: ``[B, M, C]`` tokens being absorbed, with weights ``token_weights`` ``[B, M]``.
-        assignment: ``[B, M]`` index in ``0..K-1`` of the target each token joins.
+        tokens: ``[B, M, C]``; weights: ``[B, M]``; group: ``[B, M]`` group index in ``0..num_groups-1``
+            (every group must hold at least one token of positive weight).
     """
-    w_t = target_weights.to(targets.dtype).unsqueeze(-1)
-    w_u = token_weights.to(tokens.dtype).unsqueeze(-1)
-    index = assignment.unsqueeze(-1)
-    numerator = (targets * w_t).scatter_add(1, index.expand(-1, -1, targets.shape[-1]), tokens * w_u)
-    denominator = w_t.scatter_add(1, index, w_u)
-    return numerator / denominator
+    weights = weights.to(tokens.dtype)
+    numerator = group_sum(tokens * weights.unsqueeze(-1), group, num_groups)
+    return numerator / group_sum(weights, group, num_groups).unsqueeze(-1)
 
 
 @dataclass
@@ -172,59 +185,72 @@ def reduce_tokens(
 
     scores = class_attention(q, k, scale)  # [B, N]
     keep_index, rest_index = split_crucial(scores[:, num_prefix:], keep)
-    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-    patch_sizes = sizes[:, num_prefix:]
-    kept = gather_tokens(patches, keep_index)
-    kept_sizes = patch_sizes.gather(1, keep_index)
-    kept_position = torch.arange(num_prefix, num_prefix + keep, device=x.device).expand(batch, -1)
-
     if method == "drop":
-        out = torch.cat([prefix, kept], dim=1)
-        out_sizes = torch.cat([sizes[:, :num_prefix], kept_sizes], dim=1)
-        rest_position = None
+        out = torch.cat([x[:, :num_prefix], gather_tokens(x, keep_index + num_prefix)], dim=1)
+        out_sizes = torch.cat([sizes[:, :num_prefix], sizes[:, num_prefix:].gather(1, keep_index)], dim=1)
+        survivors, landing = keep_index, num_prefix  # the kept patches, in order after the prefix
     else:
-        rest = gather_tokens(patches, rest_index)
-        patch_scores = scores[:, num_prefix:]
-        targets, target_weights = kept, patch_scores.gather(1, keep_index)
-        target_sizes, target_position = kept_sizes, kept_position
-        if merge_into_cls:  # the class token (output index 0) becomes target 0
-            targets = torch.cat([x[:, :1], targets], dim=1)
-            target_weights = torch.cat([scores[:, :1], target_weights], dim=1)
-            target_sizes = torch.cat([sizes[:, :1], target_sizes], dim=1)
-            target_position = torch.cat([kept_position.new_zeros(batch, 1), kept_position], dim=1)
-        assignment = cosine_assignment(rest, targets)
-        merged = weighted_merge(targets, target_weights, rest, patch_scores.gather(1, rest_index), assignment)
-        merged_sizes = target_sizes.scatter_add(1, assignment, patch_sizes.gather(1, rest_index))
-        rest_position = target_position.gather(1, assignment)
+        # The merge set: the patch tokens, with the class token in front when it may absorb tokens.
+        # Targets are the crucial tokens (and the class token); every member joins exactly one target.
+        target_x, other_x = keep_index + num_prefix, rest_index + num_prefix  # indices into x
         if merge_into_cls:
-            out = torch.cat([merged[:, :1], prefix[:, 1:], merged[:, 1:]], dim=1)
-            out_sizes = torch.cat([merged_sizes[:, :1], sizes[:, 1:num_prefix], merged_sizes[:, 1:]], dim=1)
+
+            def pick(t: Tensor) -> Tensor:
+                return torch.cat([t[:, :1], t[:, num_prefix:]], dim=1)
+
+            members_x, weights, member_sizes = pick(x), pick(scores), pick(sizes)
+            targets = torch.cat([keep_index.new_zeros(batch, 1), keep_index + 1], dim=1)
+            others = rest_index + 1
+            target_x = torch.cat([keep_index.new_zeros(batch, 1), target_x], dim=1)
         else:
-            out = torch.cat([prefix, merged], dim=1)
+            members_x, weights, member_sizes = x[:, num_prefix:], scores[:, num_prefix:], sizes[:, num_prefix:]
+            targets, others = keep_index, rest_index
+        num_targets = targets.shape[1]
+        # argmax of cosine similarity: a token's own norm does not change its ranking of the targets
+        unit_targets = F.normalize(gather_tokens(x, target_x), dim=-1)
+        similarity = gather_tokens(x, other_x) @ unit_targets.transpose(1, 2)
+        group = torch.empty_like(weights, dtype=torch.long)
+        group.scatter_(1, targets, torch.arange(num_targets, device=x.device).expand(batch, -1))
+        group.scatter_(1, others, similarity.argmax(dim=-1))
+        merged = group_weighted_mean(members_x, weights, group, num_targets)
+        merged_sizes = group_sum(member_sizes, group, num_targets)
+        if merge_into_cls:  # group 0 is the class token
+            out = torch.cat([merged[:, :1], x[:, 1:num_prefix], merged[:, 1:]], dim=1)
+            out_sizes = torch.cat([merged_sizes[:, :1], sizes[:, 1:num_prefix], merged_sizes[:, 1:]], dim=1)
+            patch_group = group[:, 1:]
+            landing = torch.where(patch_group == 0, 0, patch_group - 1 + num_prefix)
+        else:
+            out = torch.cat([x[:, :num_prefix], merged], dim=1)
             out_sizes = torch.cat([sizes[:, :num_prefix], merged_sizes], dim=1)
+            landing = group + num_prefix
+        survivors = None  # every patch lands in some token
 
     if source is not None:
-        source = move_source(source, num_prefix, keep_index, kept_position, rest_index, rest_position)
+        source = move_source(source, num_prefix, num_tokens, survivors, landing)
     return Reduced(out, out_sizes, source, keep_index)
 
 
 def move_source(
-    source: Tensor,
-    num_prefix: int,
-    keep_index: Tensor,
-    kept_position: Tensor,
-    rest_index: Tensor,
-    rest_position: Tensor | None,
+    source: Tensor, num_prefix: int, num_tokens: int, patches: Tensor | None, position: Tensor | int
 ) -> Tensor:
-    """Follow each original patch to its new token: ``source[b, p]`` indexes the input tokens (or is
-    -1); the result indexes the output tokens. ``rest_position`` is where each non-crucial token went
-    (``None``: dropped)."""
-    batch, num_tokens = source.shape[0], num_prefix + keep_index.shape[1] + rest_index.shape[1]
+    """Follow each original patch to its new token. ``source[b, p]`` indexes the input tokens (or is -1);
+    the result indexes the output tokens.
+
+    Args:
+        patches: which input patch tokens survive (``[B, K]``, the others are dropped), or ``None``: all
+            patch tokens land somewhere.
+        position: where they land: ``[B, K]`` (or ``[B, N_patch]`` with ``patches=None``), or an int
+            offset added to ``arange(K)``.
+    """
+    batch = source.shape[0]
     new_position = torch.full((batch, num_tokens), -1, dtype=torch.long, device=source.device)
     new_position[:, :num_prefix] = torch.arange(num_prefix, device=source.device)
-    new_position.scatter_(1, keep_index + num_prefix, kept_position)
-    if rest_position is not None:
-        new_position.scatter_(1, rest_index + num_prefix, rest_position)
+    if patches is None:
+        new_position[:, num_prefix:] = position
+    else:
+        if isinstance(position, int):
+            position = torch.arange(position, position + patches.shape[1], device=source.device).expand(batch, -1)
+        new_position.scatter_(1, patches + num_prefix, position)
     return torch.where(source >= 0, new_position.gather(1, source.clamp(min=0)), source)
 
 
