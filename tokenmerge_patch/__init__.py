@@ -11,6 +11,7 @@ torch.Size([2, 1000])
 >>> _ = tokenmerge_patch.unpatch(model)
 """
 
+from .flops import FlopReport, count_flops
 from .patch import (
     LayerRecord,
     PatchConfig,
@@ -25,8 +26,10 @@ from .reduce import kept_count, reduce_tokens
 from .schedule import default_layers
 
 __all__ = [
+    "FlopReport",
     "LayerRecord",
     "PatchConfig",
+    "count_flops",
     "default_layers",
     "is_patched",
     "kept_count",

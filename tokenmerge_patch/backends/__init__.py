@@ -31,6 +31,9 @@ class Backend(Protocol):
     def tokens_of(self, block_output: object) -> int:
         """Number of tokens in what a block returned."""
 
+    def block_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
+        """A block's attention module, its MLP module, and the attention width (heads x head dim)."""
+
 
 SUPPORTED = (
     "timm VisionTransformer models built from timm's Block and Attention (vit_*, deit_*, "

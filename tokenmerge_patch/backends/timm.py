@@ -111,5 +111,8 @@ class TimmBackend:
     def tokens_of(self, block_output: object) -> int:
         return block_output.shape[1]
 
+    def block_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
+        return block.attn, block.mlp, block.attn.num_heads * block.attn.head_dim
+
 
 BACKEND = TimmBackend()

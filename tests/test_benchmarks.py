@@ -1,0 +1,83 @@
+"""The benchmark scripts run end to end on small settings and write what they promise."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+from tiny_models import MNIST_DIR, MNIST_MODEL, needs_shared
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flops_main_job(tmp_path: Path) -> None:
+    flops = load("flops")
+    rows = flops.main(
+        [
+            "--models",
+            "deit_tiny_patch16_224",
+            "--keep-rates",
+            "0.7",
+            "--rounds",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    by_method = {row["method"]: row for row in rows}
+    assert set(by_method) == {"unpatched", "merge", "drop"}
+    assert round(by_method["unpatched"]["GFLOPs"], 2) == 1.26
+    assert round(by_method["merge"]["GFLOPs"], 2) == 0.82
+    assert by_method["merge"]["paper GFLOPs"] == 0.8
+    merge = by_method["merge"]
+    assert merge["speedup"] > 0 and "merge time vs drop %" in merge
+    assert merge["speedup ÷ FLOPs ratio"] == pytest.approx(merge["speedup"] / merge["FLOPs ratio"])
+    with open(tmp_path / "flops.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+    assert "| DeiT-T | merge | 0.70 | 5.717 | 0.818 | 0.8 |" in (tmp_path / "flops.md").read_text()
+    assert (tmp_path / "flops.png").stat().st_size > 10_000
+
+
+def test_profile_reduction(tmp_path: Path) -> None:
+    text = load("profile_reduction").main(
+        ["--model", "deit_tiny_patch16_224", "--batch-size", "2", "--rounds", "1", "--out", str(tmp_path)]
+    )
+    assert "reduction alone (merge)" in text and "aten::" in text
+    assert (tmp_path / "profile_reduction.md").is_file()
+
+
+@needs_shared
+@pytest.mark.slow
+def test_accuracy_on_real_checkpoint(tmp_path: Path) -> None:
+    rows = load("accuracy").main(
+        [
+            "--checkpoint",
+            str(MNIST_MODEL),
+            "--data",
+            f"mnist:{MNIST_DIR}",
+            "--limit",
+            "300",
+            "--layers",
+            "1,3,5",
+            "--keep-rates",
+            "0.5",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert [row["method"] for row in rows] == ["unpatched", "merge", "drop"]
+    assert rows[0]["top-1 %"] > 90 and rows[0]["images"] == 300
+    assert rows[1]["GFLOPs"] < rows[0]["GFLOPs"]
+    assert rows[1]["layers"] == "1,3,5"
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000

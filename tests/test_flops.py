@@ -1,0 +1,86 @@
+"""count_flops: the paper's FLOPs, fused = eager attention, and the analytic cross-check."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from tiny_models import make_model
+
+import tokenmerge_patch as tm
+
+# (model, keep rate) -> GFLOPs at layers (3, 6, 9), method merge; keep 1.0 = unpatched.
+# Paper: Table 1 DeiT-T 1.3 / 0.8, DeiT-B 17.5 / 11.5, DeiT-S 4.6; Table 3 "+TM" DeiT-S 3.0 (0.7), 2.3 (0.5).
+PAPER = [
+    ("deit_tiny_patch16_224", 1.0, 1.26),
+    ("deit_tiny_patch16_224", 0.7, 0.82),
+    ("deit_small_patch16_224", 1.0, 4.61),
+    ("deit_small_patch16_224", 0.7, 3.01),
+    ("deit_small_patch16_224", 0.5, 2.29),
+    ("deit_base_patch16_224", 1.0, 17.58),
+    ("deit_base_patch16_224", 0.7, 11.51),
+]
+
+
+@pytest.fixture(scope="module")
+def deit_models() -> dict[str, torch.nn.Module]:
+    return {name: timm.create_model(name) for name in {name for name, _, _ in PAPER}}
+
+
+@pytest.mark.parametrize(("name", "keep_rate", "gflops"), PAPER)
+def test_reproduces_the_papers_flops(deit_models, name: str, keep_rate: float, gflops: float) -> None:
+    model = deit_models[name]
+    tm.patch(model, layers=(3, 6, 9), keep_rate=keep_rate) if keep_rate < 1 else tm.unpatch(model)
+    report = tm.count_flops(model)
+    assert round(report.gflops, 2) == gflops
+    assert abs(report.analytic / report.total - 1) < 0.01
+    # fvcore skips only ops that are no multiply-adds (element-wise, sorting, indexing)
+    multiply_adds = {
+        "aten::matmul",
+        "aten::bmm",
+        "aten::mm",
+        "aten::addmm",
+        "aten::baddbmm",
+        "aten::linear",
+        "aten::einsum",
+        "aten::_convolution",
+        "aten::scaled_dot_product_attention",
+    }
+    assert not multiply_adds & set(report.unsupported)
+
+
+def test_fused_attention_counts_the_same_as_eager() -> None:
+    model = timm.create_model("deit_small_patch16_224")
+    fused = tm.count_flops(model).total
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    eager = tm.count_flops(model).total
+    # by hand: 12 x (qkv + proj + 2 N^2 D + MLP + 2 LayerNorms at 5 flops/element) + patch embedding
+    # + final norm + head, with N = 197, D = 384, MLP 1536; fvcore alone says 4.25 G for the fused model
+    per_block = 197 * 384 * 1152 + 197 * 384 * 384 + 2 * 197 * 197 * 384 + 2 * 197 * 384 * 1536 + 2 * 5 * 197 * 384
+    assert fused == eager == 12 * per_block + 196 * 768 * 384 + 5 * 197 * 384 + 384 * 1000
+
+
+def test_per_block_breakdown_matches_token_counts(flavour: str) -> None:
+    model = make_model(flavour)
+    tm.patch(model, layers=(1, 2), keep_rate=(0.6, 0.5))
+    report = tm.count_flops(model, (3, 32, 32))
+    counts = tm.token_counts(model, torch.randn(1, 3, 32, 32))
+    assert [b.tokens_out for b in report.blocks] == counts
+    assert [b.tokens_in for b in report.blocks][1:] == counts[:-1]
+    assert report.blocks[1].flops > report.blocks[2].flops > report.blocks[3].flops
+    assert abs(report.analytic / report.total - 1) < 0.1  # tiny models: norms (and qk-norm) weigh more
+    assert sum(b.flops for b in report.blocks) + report.outside_blocks == report.total
+    assert "| **total** |" in str(report)
+
+
+def test_example_input_is_counted_per_image() -> None:
+    model = make_model("dynamic")
+    one = tm.count_flops(model, (3, 32, 32)).total
+    assert tm.count_flops(model, torch.randn(4, 3, 32, 32)).total == one
+    assert tm.count_flops(model, torch.randn(1, 3, 48, 48)).total > one
+
+
+def test_bad_input_size() -> None:
+    with pytest.raises(TypeError, match="input_size must be"):
+        tm.count_flops(make_model("vit"), (32, 32))
