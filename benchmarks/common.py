@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmark scripts: devices, threads, and writing tables (CSV + markdown)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` intra-op threads (default: all cores) and return the number in use."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
+def parse_floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str], formats: dict[str, str] | None = None) -> str:
+    """A markdown table; ``formats`` maps a column to a format string such as ``"{:.2f}"``."""
+    formats = {"keep rate": "{:.2f}", **(formats or {})}
+
+    def cell(column: str, value: object) -> str:
+        if value is not None and column in formats:
+            return formats[column].format(value)
+        if isinstance(value, float):
+            if value != 0 and abs(value) < 1:
+                return f"{value:.4g}"
+            return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, stem: str, rows: Sequence[dict], columns: Sequence[str], markdown: str) -> None:
+    """``{stem}.csv`` (every column) and ``{stem}.md`` (the markdown text) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{stem}.md").write_text(markdown + "\n")

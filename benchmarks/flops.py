@@ -1,0 +1,249 @@
+"""The main job: params, GFLOPs and measured throughput of patched vs unpatched ViTs (the paper's Table 1).
+
+    python benchmarks/flops.py            # DeiT-T/S/B, keep 0.9/0.7/0.5/0.3, merge and drop (< 10 min, 2 cores)
+    python benchmarks/flops.py --quick    # DeiT-T/S, keep 0.7/0.5, fewer rounds (< 2 min)
+
+Runs offline on random weights (FLOPs and speed do not depend on them); ``--pretrained`` loads timm's
+weights where the network allows. Throughput of the unpatched and each patched variant is measured in
+the same run, in interleaved rounds (median), so the speedup is a ratio measured side by side. Writes
+``flops.csv``, ``flops.md`` and ``flops.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import tokenmerge_patch as tm
+from tokenmerge_patch.timing import Variant, interleaved_timings, median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, markdown_table, parse_floats, parse_ints, pick_device, set_threads, write_outputs
+
+MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+SHORT = {"deit_tiny_patch16_224": "DeiT-T", "deit_small_patch16_224": "DeiT-S", "deit_base_patch16_224": "DeiT-B"}
+# GFLOPs the paper reports for token mergence at layers (3, 6, 9): Table 1 (DeiT-T/B, and all unpatched),
+# Table 3 "+TM" rows for DeiT-S (Table 1's 3.1 G for DeiT-S includes the multi-scale module).
+PAPER_GFLOPS = {
+    ("deit_tiny_patch16_224", 1.0): 1.3,
+    ("deit_tiny_patch16_224", 0.7): 0.8,
+    ("deit_small_patch16_224", 1.0): 4.6,
+    ("deit_small_patch16_224", 0.7): 3.0,
+    ("deit_small_patch16_224", 0.5): 2.3,
+    ("deit_base_patch16_224", 1.0): 17.5,
+    ("deit_base_patch16_224", 0.7): 11.5,
+}
+COLUMNS = [
+    "model",
+    "method",
+    "keep rate",
+    "params (M)",
+    "GFLOPs",
+    "paper GFLOPs",
+    "FLOPs ↓ %",
+    "img/s unpatched",
+    "img/s patched",
+    "speedup",
+    "FLOPs ratio",
+    "speedup ÷ FLOPs ratio",
+    "merge time vs drop %",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=None, help=f"comma-separated timm names (default: {','.join(MODELS)})")
+    parser.add_argument("--keep-rates", default=None, help="comma-separated (default 0.9,0.7,0.5,0.3)")
+    parser.add_argument("--methods", default="merge,drop", help="comma-separated: merge, drop")
+    parser.add_argument("--layers", default="3,6,9", help="reducing blocks (default: the paper's 3,6,9)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    parser.add_argument("--rounds", type=int, default=None, help="timing rounds per variant (default 9, quick 7)")
+    parser.add_argument("--quick", action="store_true", help="DeiT-T/S, keep 0.7/0.5, 7 rounds")
+    parser.add_argument("--pretrained", action="store_true", help="load timm weights (needs the network)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for flops.csv/.md/.png")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    args.models = args.models.split(",") if args.models else (MODELS[:2] if args.quick else MODELS)
+    args.keep_rates = (
+        parse_floats(args.keep_rates) if args.keep_rates else ([0.7, 0.5] if args.quick else [0.9, 0.7, 0.5, 0.3])
+    )
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.layers = tuple(parse_ints(args.layers))
+    args.rounds = args.rounds or (7 if args.quick else 9)
+    return args
+
+
+def create(name: str, pretrained: bool) -> torch.nn.Module:
+    if pretrained:
+        try:
+            return timm.create_model(name, pretrained=True)
+        except Exception as error:  # offline, or no such weights
+            print(f"[{name}] could not load pretrained weights ({type(error).__name__}); using random weights")
+    return timm.create_model(name)
+
+
+def benchmark_model(name: str, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], str]:
+    model = create(name, args.pretrained).eval()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    # methods at the same keep rate run back to back in each round, so their paired ratio is sharp
+    configs = [(method, rate) for rate in args.keep_rates for method in args.methods]
+    flops = {("unpatched", 1.0): tm.count_flops(model)}
+    for method, rate in configs:
+        tm.patch(model, layers=args.layers, keep_rate=rate, method=method)
+        flops[method, rate] = tm.count_flops(model)
+    tm.unpatch(model)
+    model.to(device)
+    images = torch.randn(args.batch_size, 3, 224, 224, device=device)
+
+    def run() -> None:
+        model(images)
+
+    variants = {"unpatched": Variant(lambda: tm.unpatch(model), run)}
+    for method, rate in configs:
+        variants[f"{method}@{rate}"] = Variant(
+            lambda m=method, r=rate: tm.patch(model, layers=args.layers, keep_rate=r, method=m), run
+        )
+    samples = interleaved_timings(variants, rounds=args.rounds, desc=SHORT.get(name, name))
+    tm.unpatch(model)
+    throughput = {key: args.batch_size / median(times) for key, times in samples.items()}
+
+    def paired_ratio(slow: list[float], fast: list[float]) -> float:
+        """Median over rounds of slow / fast: each round's two runs were back to back."""
+        return median([a / b for a, b in zip(slow, fast, strict=True)])
+
+    base_flops = flops["unpatched", 1.0].total
+    rows = [
+        {
+            "model": SHORT.get(name, name),
+            "method": "unpatched",
+            "keep rate": 1.0,
+            "params (M)": params,
+            "GFLOPs": base_flops / 1e9,
+            "paper GFLOPs": PAPER_GFLOPS.get((name, 1.0)),
+            "FLOPs ↓ %": 0.0,
+            "img/s unpatched": throughput["unpatched"],
+            "img/s patched": throughput["unpatched"],
+            "speedup": 1.0,
+            "FLOPs ratio": 1.0,
+            "speedup ÷ FLOPs ratio": 1.0,
+        }
+    ]
+    for method, rate in configs:
+        key = f"{method}@{rate}"
+        total = flops[method, rate].total
+        speedup = paired_ratio(samples["unpatched"], samples[f"{method}@{rate}"])
+        rows.append(
+            {
+                "model": SHORT.get(name, name),
+                "method": method,
+                "keep rate": rate,
+                "params (M)": params,
+                "GFLOPs": total / 1e9,
+                "paper GFLOPs": PAPER_GFLOPS.get((name, rate)) if method == "merge" else None,
+                "FLOPs ↓ %": 100 * (1 - total / base_flops),
+                "img/s unpatched": throughput["unpatched"],
+                "img/s patched": throughput[f"{method}@{rate}"],
+                "speedup": speedup,
+                "FLOPs ratio": base_flops / total,
+                "speedup ÷ FLOPs ratio": speedup * total / base_flops,
+            }
+        )
+        if method == "merge" and f"drop@{rate}" in samples:
+            rows[-1]["merge time vs drop %"] = 100 * (paired_ratio(samples[f"drop@{rate}"], samples[key]) - 1)
+    detail_key = ("merge", 0.7) if ("merge", 0.7) in flops else (configs[0] if configs else ("unpatched", 1.0))
+    detail = f"Per-block tokens and GFLOPs, {SHORT.get(name, name)}, {detail_key[0]} at keep {detail_key[1]}:\n\n"
+    return rows, detail + str(flops[detail_key])
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """The speed goals: throughput gain vs FLOPs ratio, and merge's cost over drop at the same keep rate."""
+    lines = []
+    for row in rows:
+        if row["method"] != "merge":
+            continue
+        line = (
+            f"{row['model']} merge @ {row['keep rate']}: {row['speedup']:.3f}x faster for a "
+            f"{row['FLOPs ratio']:.3f}x FLOPs ratio ({row['speedup ÷ FLOPs ratio']:.3f} of it)"
+        )
+        if row.get("merge time vs drop %") is not None:
+            line += f"; merge takes {row['merge time vs drop %']:+.1f}% time vs drop"
+        lines.append(line)
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "unpatched"]
+    styles = {"merge": "-o", "drop": "--s"}
+    for index, model in enumerate(models):
+        color = f"C{index}"
+        base = next(r for r in rows if r["model"] == model and r["method"] == "unpatched")
+        for method in methods:
+            points = sorted(
+                [(1.0, base)] + [(r["keep rate"], r) for r in rows if r["model"] == model and r["method"] == method]
+            )
+            rates = [p[0] for p in points]
+            style = styles.get(method, "-^")
+            left.plot(rates, [p[1]["GFLOPs"] for p in points], style, color=color, label=f"{model} {method}")
+            right.plot(rates, [p[1]["speedup"] for p in points], style, color=color, label=f"{model} {method}")
+            if method == methods[0]:
+                right.plot(rates, [p[1]["FLOPs ratio"] for p in points], ":", color=color, alpha=0.6)
+        paper = [(r["keep rate"], r["paper GFLOPs"]) for r in rows if r["model"] == model and r["paper GFLOPs"]]
+        if paper:
+            left.plot(*zip(*paper, strict=True), "*", color=color, markersize=12, markeredgecolor="k")
+    left.set(xlabel="keep rate", ylabel="GFLOPs per image", title="GFLOPs (stars: the paper)", yscale="log")
+    left.legend(fontsize=7)
+    right.set(xlabel="keep rate", ylabel="speedup over unpatched", title="measured speedup (dotted: FLOPs ratio)")
+    for axis in (left, right):
+        axis.invert_xaxis()
+        axis.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    threads = set_threads(args.threads)
+    started = time.perf_counter()
+    rows, details = [], []
+    for name in args.models:
+        model_rows, detail = benchmark_model(name, args, device)
+        rows += model_rows
+        details.append(detail)
+    setup = (
+        f"device {device.type}, {threads} threads, batch {args.batch_size}, fp32, layers {args.layers}, "
+        f"{args.rounds} interleaved rounds; speedups are medians of per-round ratios; "
+        f"torch {torch.__version__}, timm {timm.__version__}, "
+        f"{'pretrained' if args.pretrained else 'random'} weights; GFLOPs per image (fvcore, 1 multiply-add = 1)"
+    )
+    formats = {"GFLOPs": "{:.3f}", "paper GFLOPs": "{:.1f}", "FLOPs ↓ %": "{:.1f}", "merge time vs drop %": "{:+.1f}"}
+    text = "\n\n".join([markdown_table(rows, COLUMNS, formats), setup, "\n".join(goal_lines(rows)), *details])
+    print(text)
+    write_outputs(args.out, "flops", rows, COLUMNS, text)
+    if not args.no_plot:
+        plot(rows, args.out / "flops.png")
+    print(
+        f"\nwrote {args.out}/flops.csv, flops.md{'' if args.no_plot else ', flops.png'} "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
