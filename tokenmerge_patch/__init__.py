@@ -19,6 +19,7 @@ from .patch import (
     patch,
     patch_config,
     reduction_trace,
+    set_keep_rate,
     token_counts,
     unpatch,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "patch_config",
     "reduce_tokens",
     "reduction_trace",
+    "set_keep_rate",
     "token_counts",
     "unpatch",
 ]

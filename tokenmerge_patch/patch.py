@@ -9,13 +9,13 @@ with fresh bookkeeping. Everything set is recorded on ``model._tokenmerge`` and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from .backends import Backend, find_backend
-from .reduce import METHODS, reduce_tokens
+from .reduce import METHODS, SIMILARITIES, reduce_tokens
 from .schedule import KeepRateSpec, LayerSpec, resolve_plan
 
 ATTRIBUTE = "_tokenmerge"
@@ -29,8 +29,12 @@ class PatchConfig:
     layers: tuple[int, ...]
     keep_rates: tuple[float, ...]
     method: str = "merge"
+    similarity: str = "cosine"
     merge_into_cls: bool = False
+    size_weighted: bool = False
+    prop_attn: bool = False
     trace_source: bool = False
+    seed: int = 0
 
     def keep_rate_of(self, layer: int) -> float:
         return self.keep_rates[self.layers.index(layer)]
@@ -93,27 +97,49 @@ class TokenMergeState:
         """Forget the previous forward (a forward pre-hook on the embedding)."""
         self.records = {}
 
-    def reduce(self, layer: int, x: Tensor, q: Tensor, k: Tensor, scale: float) -> Tensor:
-        """Called by a backend's reducing block with its tokens after the attention residual."""
+    def record_before(self, layer: int, x: Tensor) -> LayerRecord | None:
+        """This forward's record of the last reducing block before ``layer``, if it belongs to ``x``.
+
+        Each block reads the record of the reducing block before it (not a running "current" slot), so a
+        recomputation under activation checkpointing sees the same input."""
+        earlier = [r for r in self.config.layers if r < layer]
+        record = self.records.get(earlier[-1]) if earlier else None
+        return record if record is not None and record.sizes.shape == x.shape[:2] else None
+
+    def attention_bias(self, layer: int, x: Tensor) -> Tensor | None:
+        """With ``prop_attn``: ``log(size)`` of the tokens ``x`` entering block ``layer``, shaped
+        ``[B, 1, 1, N]`` as an additive float mask for SDPA; ``None`` when every token is one patch."""
+        if not self.config.prop_attn:
+            return None
+        record = self.record_before(layer, x)
+        if record is None or all(r.tokens_in == r.tokens_out for r in self.records.values()):
+            return None
+        return record.sizes.log().to(x.dtype)[:, None, None, :]
+
+    def reduce(
+        self, layer: int, x: Tensor, q: Tensor, k: Tensor, scale: float, attn_bias: Tensor | None = None
+    ) -> Tensor:
+        """Called by a backend's reducing block with its tokens after the attention residual, the queries
+        and keys of its attention (``[B, H, N, d]``, after any q/k norm), the softmax scale, and the
+        additive attention bias it used (see :meth:`attention_bias`)."""
         config = self.config
-        position = config.layers.index(layer)
-        previous = self.records.get(config.layers[position - 1]) if position else None
-        # Each block reads the record of the reducing block before it (not a running "current"
-        # slot), so a recomputation under activation checkpointing sees the same input.
-        if previous is None or previous.sizes.shape != x.shape[:2]:
-            previous = None
+        previous = self.record_before(layer, x)
         out = reduce_tokens(
             x,
             q,
             k,
             scale,
             num_prefix=self.num_prefix,
-            keep_rate=config.keep_rates[position],
+            keep_rate=config.keep_rate_of(layer),
             method=config.method,
+            similarity=config.similarity,
             merge_into_cls=config.merge_into_cls,
+            size_weighted=config.size_weighted,
+            attn_bias=attn_bias,
             sizes=None if previous is None else previous.sizes,
             source=None if previous is None else previous.source,
             trace_source=config.trace_source,
+            seed=config.seed + layer,
         )
         self.records[layer] = LayerRecord(
             tokens_in=x.shape[1],
@@ -181,8 +207,12 @@ def patch(
     keep_rate: KeepRateSpec = 0.7,
     *,
     method: str = "merge",
+    similarity: str = "cosine",
     merge_into_cls: bool = False,
+    size_weighted: bool = False,
+    prop_attn: bool = False,
     trace_source: bool = False,
+    seed: int = 0,
 ) -> nn.Module:
     """Make a pretrained ViT cheaper in place: chosen blocks keep their most attended tokens and merge
     the rest into them (arXiv 2306.04897).
@@ -199,16 +229,27 @@ def patch(
             ``(d//4, d//2, 3d//4)``, i.e. ``(3, 6, 9)`` for 12 blocks.
         keep_rate: fraction of patch tokens each reducing block keeps, in (0, 1]: one float for all, or
             one per entry of ``layers``.
-        method: ``"merge"`` (the paper) or ``"drop"`` (keep the crucial tokens, discard the rest).
+        method: ``"merge"`` (the paper), ``"drop"`` (keep the crucial tokens, discard the rest),
+            ``"fuse"`` (EViT: the rest become one extra token, their score-weighted sum) or
+            ``"bipartite"`` (ToMe's bipartite soft matching on keys; at most half the patch tokens per
+            block, so low keep rates are clamped).
+        similarity: how ``"merge"`` picks a token's crucial token (the paper's Table 4): ``"cosine"``
+            (default), ``"l1"``, ``"l2"``, ``"attention"`` (the token's attention to the crucial ones) or
+            ``"random"`` (seeded by ``seed``).
         merge_into_cls: also let the class token absorb non-crucial tokens (the paper's literal
             reading); by default prefix tokens are never merge targets.
+        size_weighted: weight eq. 4 by score x size (how many patches a token already holds) instead of
+            the score alone. Off by default (the paper).
+        prop_attn: proportional attention: after a reduction, attention adds ``log(size)`` to each key's
+            logit (passed to SDPA as a float mask), so a merged token counts as the patches it holds.
         trace_source: record which original patch ends in which token (see :func:`reduction_trace`).
+        seed: seed of ``similarity="random"``.
 
     Returns:
         ``model`` itself, patched. Patching a patched model re-configures it.
 
     Raises:
-        TypeError / ValueError: unsupported model, bad ``layers``/``keep_rate``/``method``; the model
+        TypeError / ValueError: unsupported model, bad ``layers``/``keep_rate``/``method``/... ; the model
             is then left exactly as it was.
 
     Example:
@@ -224,28 +265,86 @@ def patch(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     backend = find_backend(model)
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    for name, flag in (("merge_into_cls", merge_into_cls), ("trace_source", trace_source)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-    plan = resolve_plan(len(backend.blocks(model)), layers, keep_rate)
-    chosen = tuple(layer for layer, _ in plan)
-    num_prefix = backend.check(model, chosen)
-    if merge_into_cls and method != "merge":
-        raise ValueError(f"merge_into_cls applies to method='merge' only, got method={method!r}")
-
-    config = PatchConfig(
-        layers=chosen,
-        keep_rates=tuple(rate for _, rate in plan),
-        method=method,
-        merge_into_cls=merge_into_cls,
-        trace_source=trace_source,
+    config = _validated_config(
+        len(backend.blocks(model)),
+        layers,
+        keep_rate,
+        method,
+        similarity,
+        merge_into_cls,
+        size_weighted,
+        prop_attn,
+        trace_source,
+        seed,
     )
+    num_prefix = backend.check(model, config)
     unpatch(model)
     state = TokenMergeState(config, backend, num_prefix)
     backend.install(model, state)
     model.__dict__[ATTRIBUTE] = state
+    return model
+
+
+def _validated_config(
+    depth: int,
+    layers: LayerSpec,
+    keep_rate: KeepRateSpec,
+    method: str,
+    similarity: str,
+    merge_into_cls: bool,
+    size_weighted: bool,
+    prop_attn: bool,
+    trace_source: bool,
+    seed: int,
+) -> PatchConfig:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(similarity, str) or similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if similarity != "cosine" and method != "merge":
+        raise ValueError(f"similarity applies to method='merge' only, got method={method!r}")
+    flags = (
+        ("merge_into_cls", merge_into_cls),
+        ("size_weighted", size_weighted),
+        ("prop_attn", prop_attn),
+        ("trace_source", trace_source),
+    )
+    for name, flag in flags:
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    for name, flag in (("merge_into_cls", merge_into_cls), ("size_weighted", size_weighted)):
+        if flag and method != "merge":
+            raise ValueError(f"{name} applies to method='merge' only, got method={method!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    plan = resolve_plan(depth, layers, keep_rate)
+    return PatchConfig(
+        layers=tuple(layer for layer, _ in plan),
+        keep_rates=tuple(rate for _, rate in plan),
+        method=method,
+        similarity=similarity,
+        merge_into_cls=merge_into_cls,
+        size_weighted=size_weighted,
+        prop_attn=prop_attn,
+        trace_source=trace_source,
+        seed=seed,
+    )
+
+
+def set_keep_rate(model: nn.Module, keep_rate: KeepRateSpec) -> nn.Module:
+    """Change the keep rates of a patched model without re-installing anything (cheap enough to call
+    every training step); one float for all reducing blocks or one per block.
+
+    >>> import timm
+    >>> model = patch(timm.create_model("vit_tiny_patch16_224", img_size=64), layers=(3, 6), keep_rate=0.5)
+    >>> set_keep_rate(model, (0.9, 0.8)) is model, patch_config(model).keep_rates
+    (True, (0.9, 0.8))
+    """
+    state = _state(model)
+    if state is None:
+        raise ValueError("model is not patched; call tokenmerge_patch.patch(model) first")
+    plan = resolve_plan(max(state.config.layers) + 1, state.config.layers, keep_rate)
+    state.config = replace(state.config, keep_rates=tuple(rate for _, rate in plan))
     return model
 
 

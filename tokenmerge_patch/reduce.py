@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METHODS = ("merge", "drop")
+METHODS = ("merge", "drop", "fuse", "bipartite")
+SIMILARITIES = ("cosine", "l1", "l2", "attention", "random")
 
 
 def kept_count(num_patches: int, keep_rate: float) -> int:
@@ -93,9 +94,49 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 
 
 def cosine_assignment(tokens: Tensor, targets: Tensor) -> Tensor:
-    """For each token, the index of the target with the highest cosine similarity: ``[B, M]``."""
-    similarity = F.normalize(tokens, dim=-1) @ F.normalize(targets, dim=-1).transpose(1, 2)
-    return similarity.argmax(dim=-1)
+    """For each token, the index of the target with the highest cosine similarity: ``[B, M]``.
+
+    A token's own norm does not change how it ranks the targets, so only the targets are normalised.
+    """
+    return (tokens @ F.normalize(targets, dim=-1).transpose(1, 2)).argmax(dim=-1)
+
+
+def attention_assignment(
+    q: Tensor, k: Tensor, scale: float, tokens: Tensor, targets: Tensor, attn_bias: Tensor | None = None
+) -> Tensor:
+    """For each token (an index into N), the target it attends to most: its post-softmax attention row over
+    all N keys, averaged over heads, restricted to the ``targets`` columns. ``[B, M]``."""
+    heads, depth = q.shape[1], q.shape[-1]
+    rows = q.gather(2, tokens[:, None, :, None].expand(-1, heads, -1, depth))  # [B, H, M, d]
+    logits = (rows.float() * scale) @ k.float().transpose(-2, -1)  # [B, H, M, N]
+    if attn_bias is not None:
+        logits = logits + attn_bias.float()
+    probs = logits.softmax(dim=-1).mean(dim=1)  # [B, M, N]
+    return probs.gather(2, targets.unsqueeze(1).expand(-1, probs.shape[1], -1)).argmax(dim=-1)
+
+
+def assign_to_targets(
+    similarity: str,
+    x: Tensor,
+    target_x: Tensor,
+    other_x: Tensor,
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    attn_bias: Tensor | None,
+    seed: int,
+) -> Tensor:
+    """Which target (index into ``target_x``) each token ``other_x`` joins, by ``similarity`` (Table 4)."""
+    if similarity == "attention":
+        return attention_assignment(q, k, scale, other_x, target_x, attn_bias)
+    if similarity == "random":
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        return torch.randint(target_x.shape[1], other_x.shape, generator=generator, device=x.device)
+    tokens, targets = gather_tokens(x, other_x), gather_tokens(x, target_x)
+    if similarity == "cosine":
+        return cosine_assignment(tokens, targets)
+    norm = {"l1": 1.0, "l2": 2.0}[similarity]
+    return torch.cdist(tokens.float(), targets.float(), p=norm).argmin(dim=-1)
 
 
 def group_sum(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
@@ -146,32 +187,51 @@ def reduce_tokens(
     num_prefix: int,
     keep_rate: float,
     method: str = "merge",
+    similarity: str = "cosine",
     merge_into_cls: bool = False,
+    size_weighted: bool = False,
+    attn_bias: Tensor | None = None,
     sizes: Tensor | None = None,
     source: Tensor | None = None,
     trace_source: bool = False,
+    seed: int = 0,
 ) -> Reduced:
-    """Keep the crucial tokens and merge (or drop) the rest. Batched, differentiable in ``x``, ``q``, ``k``.
+    """Keep the crucial tokens and merge (or drop, or fuse) the rest. Batched, differentiable in ``x``,
+    ``q`` and ``k``.
 
     Args:
         x: ``[B, N, C]`` tokens after the block's attention residual.
         q, k: ``[B, H, N, d]`` the block's queries and keys (after q/k norm).
         scale: the attention's softmax scale.
         num_prefix: number of leading prefix tokens (class first), never reduced.
-        keep_rate: fraction of patch tokens kept as crucial, in (0, 1].
-        method: ``"merge"`` (eq. 4, the paper) or ``"drop"`` (keep the crucial tokens only).
+        keep_rate: fraction of patch tokens kept, in (0, 1].
+        method: ``"merge"`` (eq. 4, the paper), ``"drop"`` (keep the crucial tokens only), ``"fuse"``
+            (EViT: the rest become one extra token, their score-weighted sum, not renormalised) or
+            ``"bipartite"`` (ToMe: bipartite soft matching on head-averaged keys, size-weighted; at
+            most half the patch tokens are merged, so the keep rate is clamped at ``ceil(N_patch / 2)``).
+        similarity: for ``"merge"``, how a token picks its crucial token: ``"cosine"`` (the paper),
+            ``"l1"`` / ``"l2"`` (nearest in that distance), ``"attention"`` (the crucial token it attends
+            to most) or ``"random"`` (seeded).
         merge_into_cls: let the class token absorb non-crucial tokens too (the paper's literal reading;
             its weight is its attention to itself). Off by default: prefix tokens stay untouched.
+        size_weighted: for ``"merge"``, weight eq. 4 by score x size instead of score.
+        attn_bias: the additive bias ``[B, 1, 1, N]`` the block's attention used (proportional
+            attention), so scores match that attention.
         sizes: ``[B, N]`` tokens' sizes so far, ``None`` for all ones.
         source: ``[B, N0]`` source map so far, ``None`` for the identity (with ``trace_source``).
         trace_source: compute the source map.
+        seed: seed of ``similarity="random"``.
 
     >>> x = torch.randn(1, 5, 3); q = k = torch.randn(1, 1, 5, 3)
     >>> reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5, method="drop").x.shape
     torch.Size([1, 3, 3])
+    >>> reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5, method="fuse").x.shape
+    torch.Size([1, 4, 3])
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     batch, num_tokens, _ = x.shape
     num_patches = num_tokens - num_prefix
     if sizes is None:
@@ -179,54 +239,133 @@ def reduce_tokens(
     if trace_source and source is None:
         source = torch.arange(num_prefix, num_tokens, device=x.device).expand(batch, -1)
     keep = kept_count(num_patches, keep_rate)
+    if method == "bipartite":
+        keep = max(keep, num_patches - num_patches // 2)  # at most half the tokens per step
     if keep == num_patches:  # nothing to reduce: the block behaves exactly as unpatched
         all_patches = torch.arange(num_patches, device=x.device).expand(batch, -1)
         return Reduced(x, sizes, source, all_patches)
+    if method == "bipartite":
+        return _bipartite(x, k, num_prefix, num_patches - keep, sizes, source)
 
-    scores = class_attention(q, k, scale)  # [B, N]
+    scores = class_attention(q, k, scale, attn_bias)  # [B, N]
     keep_index, rest_index = split_crucial(scores[:, num_prefix:], keep)
+    prefix, prefix_sizes = x[:, :num_prefix], sizes[:, :num_prefix]
+    kept = gather_tokens(x, keep_index + num_prefix)
+    kept_sizes = sizes[:, num_prefix:].gather(1, keep_index)
     if method == "drop":
-        out = torch.cat([x[:, :num_prefix], gather_tokens(x, keep_index + num_prefix)], dim=1)
-        out_sizes = torch.cat([sizes[:, :num_prefix], sizes[:, num_prefix:].gather(1, keep_index)], dim=1)
+        out, out_sizes = torch.cat([prefix, kept], dim=1), torch.cat([prefix_sizes, kept_sizes], dim=1)
         survivors, landing = keep_index, num_prefix  # the kept patches, in order after the prefix
+    elif method == "fuse":
+        rest = gather_tokens(x, rest_index + num_prefix)
+        rest_scores = scores[:, num_prefix:].gather(1, rest_index).to(x.dtype)
+        fused = (rest * rest_scores.unsqueeze(-1)).sum(dim=1, keepdim=True)  # EViT: not renormalised
+        fused_size = sizes[:, num_prefix:].gather(1, rest_index).sum(dim=1, keepdim=True)
+        out = torch.cat([prefix, kept, fused], dim=1)
+        out_sizes = torch.cat([prefix_sizes, kept_sizes, fused_size], dim=1)
+        survivors = None
+        landing = torch.full((batch, num_patches), num_prefix + keep, dtype=torch.long, device=x.device)
+        landing.scatter_(1, keep_index, torch.arange(num_prefix, num_prefix + keep, device=x.device).expand(batch, -1))
     else:
-        # The merge set: the patch tokens, with the class token in front when it may absorb tokens.
-        # Targets are the crucial tokens (and the class token); every member joins exactly one target.
-        target_x, other_x = keep_index + num_prefix, rest_index + num_prefix  # indices into x
-        if merge_into_cls:
-
-            def pick(t: Tensor) -> Tensor:
-                return torch.cat([t[:, :1], t[:, num_prefix:]], dim=1)
-
-            members_x, weights, member_sizes = pick(x), pick(scores), pick(sizes)
-            targets = torch.cat([keep_index.new_zeros(batch, 1), keep_index + 1], dim=1)
-            others = rest_index + 1
-            target_x = torch.cat([keep_index.new_zeros(batch, 1), target_x], dim=1)
-        else:
-            members_x, weights, member_sizes = x[:, num_prefix:], scores[:, num_prefix:], sizes[:, num_prefix:]
-            targets, others = keep_index, rest_index
-        num_targets = targets.shape[1]
-        # argmax of cosine similarity: a token's own norm does not change its ranking of the targets
-        unit_targets = F.normalize(gather_tokens(x, target_x), dim=-1)
-        similarity = gather_tokens(x, other_x) @ unit_targets.transpose(1, 2)
-        group = torch.empty_like(weights, dtype=torch.long)
-        group.scatter_(1, targets, torch.arange(num_targets, device=x.device).expand(batch, -1))
-        group.scatter_(1, others, similarity.argmax(dim=-1))
-        merged = group_weighted_mean(members_x, weights, group, num_targets)
-        merged_sizes = group_sum(member_sizes, group, num_targets)
-        if merge_into_cls:  # group 0 is the class token
-            out = torch.cat([merged[:, :1], x[:, 1:num_prefix], merged[:, 1:]], dim=1)
-            out_sizes = torch.cat([merged_sizes[:, :1], sizes[:, 1:num_prefix], merged_sizes[:, 1:]], dim=1)
-            patch_group = group[:, 1:]
-            landing = torch.where(patch_group == 0, 0, patch_group - 1 + num_prefix)
-        else:
-            out = torch.cat([x[:, :num_prefix], merged], dim=1)
-            out_sizes = torch.cat([sizes[:, :num_prefix], merged_sizes], dim=1)
-            landing = group + num_prefix
+        out, out_sizes, landing = _merge(
+            x,
+            q,
+            k,
+            scale,
+            scores,
+            sizes,
+            keep_index,
+            rest_index,
+            num_prefix,
+            similarity,
+            merge_into_cls,
+            size_weighted,
+            attn_bias,
+            seed,
+        )
         survivors = None  # every patch lands in some token
 
     if source is not None:
         source = move_source(source, num_prefix, num_tokens, survivors, landing)
+    return Reduced(out, out_sizes, source, keep_index)
+
+
+def _merge(
+    x: Tensor,
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    scores: Tensor,
+    sizes: Tensor,
+    keep_index: Tensor,
+    rest_index: Tensor,
+    num_prefix: int,
+    similarity: str,
+    merge_into_cls: bool,
+    size_weighted: bool,
+    attn_bias: Tensor | None,
+    seed: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 4: every non-crucial token joins a crucial token (or the class token); each group becomes its
+    weighted mean. Returns the tokens, their sizes, and where each input patch token landed."""
+    batch = x.shape[0]
+    # The merge set: the patch tokens, with the class token in front when it may absorb tokens.
+    # Targets are the crucial tokens (and the class token); every member joins exactly one target.
+    target_x, other_x = keep_index + num_prefix, rest_index + num_prefix  # indices into x
+    if merge_into_cls:
+
+        def pick(t: Tensor) -> Tensor:
+            return torch.cat([t[:, :1], t[:, num_prefix:]], dim=1)
+
+        members, weights, member_sizes = pick(x), pick(scores), pick(sizes)
+        targets = torch.cat([keep_index.new_zeros(batch, 1), keep_index + 1], dim=1)
+        others = rest_index + 1
+        target_x = torch.cat([keep_index.new_zeros(batch, 1), target_x], dim=1)
+    else:
+        members, weights, member_sizes = x[:, num_prefix:], scores[:, num_prefix:], sizes[:, num_prefix:]
+        targets, others = keep_index, rest_index
+    num_targets = targets.shape[1]
+    assignment = assign_to_targets(similarity, x, target_x, other_x, q, k, scale, attn_bias, seed)
+    group = torch.empty_like(weights, dtype=torch.long)
+    group.scatter_(1, targets, torch.arange(num_targets, device=x.device).expand(batch, -1))
+    group.scatter_(1, others, assignment)
+    if size_weighted:
+        weights = weights * member_sizes
+    merged = group_weighted_mean(members, weights, group, num_targets)
+    merged_sizes = group_sum(member_sizes, group, num_targets)
+    if merge_into_cls:  # group 0 is the class token
+        out = torch.cat([merged[:, :1], x[:, 1:num_prefix], merged[:, 1:]], dim=1)
+        out_sizes = torch.cat([merged_sizes[:, :1], sizes[:, 1:num_prefix], merged_sizes[:, 1:]], dim=1)
+        patch_group = group[:, 1:]
+        return out, out_sizes, torch.where(patch_group == 0, 0, patch_group - 1 + num_prefix)
+    out = torch.cat([x[:, :num_prefix], merged], dim=1)
+    out_sizes = torch.cat([sizes[:, :num_prefix], merged_sizes], dim=1)
+    return out, out_sizes, group + num_prefix
+
+
+def _bipartite(x: Tensor, k: Tensor, num_prefix: int, merges: int, sizes: Tensor, source: Tensor | None) -> Reduced:
+    """ToMe's bipartite soft matching over the patch tokens: alternate tokens form sets A and B; each A
+    token's most cosine-similar B token (by keys averaged over heads) is its match, and the ``merges``
+    A tokens with the best matches join them, size-weighted. Survivors keep their spatial order."""
+    batch, num_tokens, _ = x.shape
+    num_patches = num_tokens - num_prefix
+    metric = F.normalize(k.mean(dim=1)[:, num_prefix:].float(), dim=-1)  # [B, n, d]
+    similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, |A|, |B|]
+    best, match = similarity.max(dim=-1)
+    merged_a = best.argsort(dim=-1, descending=True, stable=True)[:, :merges]  # indices into A
+    survives = torch.ones(batch, num_patches, dtype=torch.bool, device=x.device)
+    survives.scatter_(1, 2 * merged_a, torch.zeros_like(merged_a, dtype=torch.bool))
+    rank = survives.long().cumsum(dim=1) - 1  # output slot of each survivor, in spatial order
+    group = rank.clone()
+    partner = 2 * match.gather(1, merged_a) + 1  # the B token (patch index) each merged A token joins
+    group.scatter_(1, 2 * merged_a, rank.gather(1, partner))
+    patch_sizes = sizes[:, num_prefix:]
+    num_out = num_patches - merges
+    merged = group_weighted_mean(x[:, num_prefix:], patch_sizes, group, num_out)
+    out = torch.cat([x[:, :num_prefix], merged], dim=1)
+    out_sizes = torch.cat([sizes[:, :num_prefix], group_sum(patch_sizes, group, num_out)], dim=1)
+    if source is not None:
+        source = move_source(source, num_prefix, num_tokens, None, group + num_prefix)
+    keep_index = survives.nonzero()[:, 1].view(batch, num_out)
     return Reduced(out, out_sizes, source, keep_index)
 
 

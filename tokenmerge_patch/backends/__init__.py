@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..patch import TokenMergeState
+    from ..patch import PatchConfig, TokenMergeState
 
 
 class Backend(Protocol):
@@ -21,9 +21,9 @@ class Backend(Protocol):
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         """The transformer blocks, in order."""
 
-    def check(self, model: nn.Module, layers: Sequence[int]) -> int:
-        """Raise ``TypeError``/``ValueError`` if ``model`` cannot reduce at ``layers``; return the number
-        of prefix tokens."""
+    def check(self, model: nn.Module, config: PatchConfig) -> int:
+        """Raise ``TypeError``/``ValueError`` if ``model`` cannot be patched with ``config`` (e.g. at
+        ``config.layers``); return the number of prefix tokens."""
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
         """Install the reduction through ``state.override`` / ``state.add_reset_hook`` only."""

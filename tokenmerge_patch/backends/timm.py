@@ -19,7 +19,7 @@ from ..reduce import size_weighted_mean
 from .capture import CaptureOutputs
 
 if TYPE_CHECKING:
-    from ..patch import TokenMergeState
+    from ..patch import PatchConfig, TokenMergeState
 
 
 class ReducingBlockForward:
@@ -32,22 +32,44 @@ class ReducingBlockForward:
         self.layer = layer
 
     def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError(
-                f"block {self.layer} reduces tokens, so an attn_mask / is_causal sized for the full "
-                "sequence cannot be honoured by the blocks after it; unpatch the model to use masks"
-            )
+        _refuse_masks(self.layer, attn_mask, is_causal)
         block = self.block
         attn = block.attn
+        bias = self.state.attention_bias(self.layer, x)
         with CaptureOutputs(attn.q_norm, attn.k_norm) as captured:
-            y = attn(block.norm1(x))
+            y = attn(block.norm1(x), attn_mask=bias)
         q, k = captured.require("queries and keys")
         x = x + block.drop_path1(block.ls1(y))
-        x = self.state.reduce(self.layer, x, q, k, attn.scale)
+        x = self.state.reduce(self.layer, x, q, k, attn.scale, attn_bias=bias)
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
     def __repr__(self) -> str:
         return f"ReducingBlockForward(layer={self.layer})"
+
+
+class ProportionalBlockForward:
+    """With ``prop_attn``: a block after a reduction that does not reduce itself runs its own forward with
+    ``log(size)`` as the attention's float mask."""
+
+    def __init__(self, block: Block, state: TokenMergeState, layer: int) -> None:
+        self.block = block
+        self.state = state
+        self.layer = layer
+
+    def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        _refuse_masks(self.layer, attn_mask, is_causal)
+        return type(self.block).forward(self.block, x, attn_mask=self.state.attention_bias(self.layer, x))
+
+    def __repr__(self) -> str:
+        return f"ProportionalBlockForward(layer={self.layer})"
+
+
+def _refuse_masks(layer: int, attn_mask: Tensor | None, is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError(
+            f"block {layer} is patched to reduce tokens, so an attn_mask / is_causal sized for the full "
+            "sequence cannot be honoured; unpatch the model to use masks"
+        )
 
 
 class SizeWeightedPool:
@@ -79,14 +101,17 @@ class TimmBackend:
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         return model.blocks
 
-    def check(self, model: nn.Module, layers: Sequence[int]) -> int:
+    def check(self, model: nn.Module, config: PatchConfig) -> int:
         if getattr(model, "cls_token", None) is None:
             raise ValueError(
                 "model has no class token (class_token=False, e.g. global_pool='map' or 'avg' models "
                 "without one), so there is no class-attention score to select tokens by; "
                 "tokenmerge_patch needs a ViT with a class token"
             )
-        for layer in layers:
+        checked = set(config.layers)
+        if config.prop_attn:  # later blocks get log(size) masks through their own forward
+            checked |= set(range(config.layers[0], len(model.blocks)))
+        for layer in sorted(checked):
             block = model.blocks[layer]
             if not isinstance(block, Block) or type(block).forward is not Block.forward:
                 raise TypeError(
@@ -102,9 +127,15 @@ class TimmBackend:
         return int(model.num_prefix_tokens)
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
-        for layer in state.config.layers:
+        config = state.config
+        for layer in config.layers:
             block = model.blocks[layer]
             state.override(block, "forward", ReducingBlockForward(block, state, layer))
+        if config.prop_attn:  # every later block attends with log(size), reducing or not
+            for layer in range(config.layers[0] + 1, len(model.blocks)):
+                if layer not in config.layers:
+                    block = model.blocks[layer]
+                    state.override(block, "forward", ProportionalBlockForward(block, state, layer))
         state.override(model, "pool", SizeWeightedPool(model, state))
         state.add_reset_hook(model.patch_embed)
 
