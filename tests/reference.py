@@ -1,5 +1,6 @@
 """An independent, deliberately plain reference of the patched forward: eager attention built from the
-weights, and the three steps (score, select, merge) as Python loops over images and tokens.
+weights, and each reduction method as Python loops over images and tokens, written from the method's
+definition.
 
 It shares no code with ``tokenmerge_patch``; it runs on an *unpatched* timm VisionTransformer.
 """
@@ -7,62 +8,132 @@ It shares no code with ``tokenmerge_patch``; it runs on an *unpatched* timm Visi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def eager_attention(attn, x: Tensor) -> tuple[Tensor, Tensor]:
-    """timm Attention on one image ``x`` [N, C], computed eagerly; returns (output, probabilities [H, N, N])."""
+@dataclass
+class Options:
+    method: str = "merge"
+    similarity: str = "cosine"
+    merge_into_cls: bool = False
+    size_weighted: bool = False
+    prop_attn: bool = False
+
+
+def eager_attention(attn, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """timm Attention on one image ``x`` [N, C], computed eagerly, with an optional additive bias over keys
+    [N]; returns (output, probabilities [H, N, N], keys [H, N, d])."""
     n = x.shape[0]
     qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(n, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.permute(1, 2, 0, 3)  # each [H, N, d]
     q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)
+    logits = (q * attn.scale) @ k.transpose(-1, -2)
+    if bias is not None:
+        logits = logits + bias
+    probs = torch.softmax(logits, dim=-1)
     out = (probs @ v).transpose(0, 1).reshape(n, attn.num_heads * attn.head_dim)
     out = attn.norm(out)
     if getattr(attn, "gate", None) is not None:
         out = out * torch.sigmoid(attn.gate(x))
-    return attn.proj(out), probs
+    return attn.proj(out), probs, k
+
+
+def kept(n: int, keep_rate: float) -> int:
+    return max(1, math.ceil(round(keep_rate * n, 6)))
 
 
 def reference_reduce(
-    x: Tensor, sizes: list[float], scores: Tensor, num_prefix: int, keep_rate: float, method: str, merge_into_cls: bool
+    x: Tensor, sizes: list[float], probs: Tensor, keys: Tensor, num_prefix: int, keep_rate: float, opt: Options
 ) -> tuple[Tensor, list[float]]:
-    """One image: keep the top-k patches by class score, merge (eq. 4) or drop the rest."""
+    """One image: reduce the patch tokens of ``x`` [N, C] by ``opt.method``."""
     n = x.shape[0] - num_prefix
-    k = max(1, math.ceil(round(keep_rate * n, 6)))
+    if opt.method == "bipartite":
+        return reference_bipartite(x, sizes, keys, num_prefix, min(n - kept(n, keep_rate), n // 2))
+    k = kept(n, keep_rate)
     if k >= n:
         return x, sizes
-    patch_scores = scores[num_prefix:]
-    keep = sorted(torch.topk(patch_scores, k).indices.tolist())
+    scores = probs[:, 0, :].mean(dim=0)  # the class token's row, averaged over heads
+    keep = sorted(torch.topk(scores[num_prefix:], k).indices.tolist())
     rest = [i for i in range(n) if i not in keep]
     targets = [num_prefix + j for j in keep]
-    if method == "drop":
-        rows = list(range(num_prefix)) + targets
+    prefix_rows = list(range(num_prefix))
+    if opt.method == "drop":
+        rows = prefix_rows + targets
         return x[rows], [sizes[r] for r in rows]
-    candidates = ([0] if merge_into_cls else []) + targets
+    if opt.method == "fuse":  # EViT: one extra token, the score-weighted sum (not renormalised)
+        fused = sum(scores[num_prefix + i] * x[num_prefix + i] for i in rest)
+        rows = prefix_rows + targets
+        return torch.cat([x[rows], fused[None]]), [sizes[r] for r in rows] + [sum(sizes[num_prefix + i] for i in rest)]
+    candidates = ([0] if opt.merge_into_cls else []) + targets
     members: dict[int, list[int]] = {t: [] for t in candidates}
     for i in rest:
-        token = x[num_prefix + i]
-        sims = [float(F.cosine_similarity(token, x[t], dim=0)) for t in candidates]
-        members[candidates[max(range(len(sims)), key=sims.__getitem__)]].append(num_prefix + i)
+        u = num_prefix + i
+        if opt.similarity == "cosine":
+            values = [float(F.cosine_similarity(x[u], x[t], dim=0)) for t in candidates]
+        elif opt.similarity == "l2":
+            values = [-float((x[u] - x[t]).norm()) for t in candidates]
+        elif opt.similarity == "l1":
+            values = [-float((x[u] - x[t]).abs().sum()) for t in candidates]
+        elif opt.similarity == "attention":
+            values = [float(probs[:, u, t].mean()) for t in candidates]
+        else:
+            raise ValueError(opt.similarity)
+        members[candidates[max(range(len(values)), key=values.__getitem__)]].append(u)
+    weight = [float(scores[t]) * (sizes[t] if opt.size_weighted else 1.0) for t in range(x.shape[0])]
     new_x, new_sizes = x.clone(), list(sizes)
     for t, group in members.items():
-        weight = scores[t] + sum(scores[u] for u in group)
-        new_x[t] = (scores[t] * x[t] + sum(scores[u] * x[u] for u in group)) / weight
+        total = weight[t] + sum(weight[u] for u in group)
+        new_x[t] = (weight[t] * x[t] + sum(weight[u] * x[u] for u in group)) / total
         new_sizes[t] = sizes[t] + sum(sizes[u] for u in group)
-    rows = list(range(num_prefix)) + targets
+    rows = prefix_rows + targets
     return new_x[rows], [new_sizes[r] for r in rows]
+
+
+def reference_bipartite(
+    x: Tensor, sizes: list[float], keys: Tensor, num_prefix: int, r: int
+) -> tuple[Tensor, list[float]]:
+    """ToMe's bipartite soft matching over the patch tokens: set A = even, B = odd patch tokens; each A token
+    matches its most cosine-similar B token by head-averaged keys; the r best-matched A tokens merge into
+    their match (size-weighted mean). Survivors keep their order."""
+    if r <= 0:
+        return x, sizes
+    metric = keys.mean(dim=0)[num_prefix:]
+    n = metric.shape[0]
+    a_tokens, b_tokens = list(range(0, n, 2)), list(range(1, n, 2))
+    best = {}
+    for a in a_tokens:
+        sims = [float(F.cosine_similarity(metric[a], metric[b], dim=0)) for b in b_tokens]
+        j = max(range(len(sims)), key=sims.__getitem__)
+        best[a] = (sims[j], b_tokens[j])
+    ranked = sorted(a_tokens, key=lambda a: -best[a][0])
+    merged = set(ranked[:r])
+    groups = {p: [p] for p in range(n) if p not in merged}
+    for a in merged:
+        groups[best[a][1]].append(a)
+    rows, out_sizes = [x[i] for i in range(num_prefix)], sizes[:num_prefix]
+    for p in sorted(groups):
+        weights = [sizes[num_prefix + m] for m in groups[p]]
+        rows.append(sum(w * x[num_prefix + m] for w, m in zip(weights, groups[p], strict=True)) / sum(weights))
+        out_sizes.append(sum(weights))
+    return torch.stack(rows), out_sizes
 
 
 @torch.no_grad()
 def reference_logits(
-    model, images: Tensor, plan: dict[int, float], method: str = "merge", merge_into_cls: bool = False
+    model,
+    images: Tensor,
+    plan: dict[int, float],
+    method: str = "merge",
+    merge_into_cls: bool = False,
+    **options: object,
 ) -> tuple[Tensor, list[list[int]]]:
     """Logits of the patched model computed from an unpatched timm VisionTransformer, plus the token
     count after every block."""
+    opt = Options(method=method, merge_into_cls=merge_into_cls, **options)
     tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     prefix = model.num_prefix_tokens
     outputs, counts = [], []
@@ -70,11 +141,11 @@ def reference_logits(
         sizes = [1.0] * x.shape[0]
         count = []
         for index, block in enumerate(model.blocks):
-            y, probs = eager_attention(block.attn, block.norm1(x))
+            bias = torch.tensor(sizes).log() if opt.prop_attn and any(s != 1 for s in sizes) else None
+            y, probs, keys = eager_attention(block.attn, block.norm1(x), bias)
             x = x + block.ls1(y)
             if index in plan:
-                scores = probs[:, 0, :].mean(dim=0)
-                x, sizes = reference_reduce(x, sizes, scores, prefix, plan[index], method, merge_into_cls)
+                x, sizes = reference_reduce(x, sizes, probs, keys, prefix, plan[index], opt)
             x = x + block.ls2(block.mlp(block.norm2(x)))
             count.append(x.shape[0])
         x = model.norm(x)
