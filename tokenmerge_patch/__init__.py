@@ -25,6 +25,7 @@ from .patch import (
 )
 from .reduce import kept_count, reduce_tokens
 from .schedule import default_layers
+from .vis import show_merges
 
 __all__ = [
     "FlopReport",
@@ -39,6 +40,7 @@ __all__ = [
     "reduce_tokens",
     "reduction_trace",
     "set_keep_rate",
+    "show_merges",
     "token_counts",
     "unpatch",
 ]
