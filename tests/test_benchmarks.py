@@ -71,13 +71,27 @@ def test_accuracy_on_real_checkpoint(tmp_path: Path) -> None:
             "--layers",
             "1,3,5",
             "--keep-rates",
-            "0.5",
+            "0.5,0.2",
+            "--methods",
+            "merge,bipartite",
+            "--similarities",
+            "l2",
             "--out",
             str(tmp_path),
         ]
     )
-    assert [row["method"] for row in rows] == ["unpatched", "merge", "drop"]
+    assert [(r["method"], r["similarity"], r["keep rate"]) for r in rows] == [
+        ("unpatched", "", 1.0),
+        ("merge", "cosine", 0.5),
+        ("merge", "cosine", 0.2),
+        ("bipartite", "", 0.5),
+        ("bipartite", "", 0.2),
+        ("merge", "l2", 0.5),
+    ]
     assert rows[0]["top-1 %"] > 90 and rows[0]["images"] == 300
     assert rows[1]["GFLOPs"] < rows[0]["GFLOPs"]
-    assert rows[1]["layers"] == "1,3,5"
+    assert rows[1]["layers"] == "1,3,5" and rows[1]["tokens"] == "50→26→14→8"
+    # 49 patches at 0.2 would be 10 -> 2 -> 1, but ToMe merges at most half per block: 25 -> 13 -> 7
+    assert rows[4]["tokens"] == "50→26→14→8" and rows[4]["note"].startswith("clamped")
+    assert rows[3]["note"] == "" and rows[2]["tokens"] == "50→11→3→2"
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
