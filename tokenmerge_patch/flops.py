@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import find_backend
+from .multiscale import analytic_extra_flops, has_multiscale
 
 
 def sdpa_flop_jit(inputs: list, outputs: list) -> int:
@@ -184,6 +185,9 @@ def analytic_flops(model: nn.Module, block_tokens: Sequence[tuple[int, int]], ex
     for (n_in, n_out), block in zip(block_tokens, blocks, strict=True):
         attention, mlp, width = backend.block_parts(block)
         total += n_in * _linear_macs(attention) + 2 * n_in * n_in * width + n_out * _linear_macs(mlp)
+    if has_multiscale(model):  # blocks are uniform in a timm ViT: read the widths off the first
+        attention, mlp, width = backend.block_parts(blocks[0])
+        total += analytic_extra_flops(model, example, _linear_macs(attention), width, _linear_macs(mlp))
     inside = {id(m) for block in blocks for m in block.modules()}
     outside = [m for m in model.modules() if id(m) not in inside]
     total += sum(m.in_features * m.out_features for m in outside if isinstance(m, nn.Linear))
