@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 
 import tokenmerge_patch as tm
+from tokenmerge_patch.multiscale import add_multiscale, remove_multiscale
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,14 +31,16 @@ MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_
 SHORT = {"deit_tiny_patch16_224": "DeiT-T", "deit_small_patch16_224": "DeiT-S", "deit_base_patch16_224": "DeiT-B"}
 # GFLOPs the paper reports for token mergence at layers (3, 6, 9): Table 1 (DeiT-T/B, and all unpatched),
 # Table 3 "+TM" rows for DeiT-S (Table 1's 3.1 G for DeiT-S includes the multi-scale module).
+# Keyed by (model, keep rate, with the multi-scale module and eq. 6).
 PAPER_GFLOPS = {
-    ("deit_tiny_patch16_224", 1.0): 1.3,
-    ("deit_tiny_patch16_224", 0.7): 0.8,
-    ("deit_small_patch16_224", 1.0): 4.6,
-    ("deit_small_patch16_224", 0.7): 3.0,
-    ("deit_small_patch16_224", 0.5): 2.3,
-    ("deit_base_patch16_224", 1.0): 17.5,
-    ("deit_base_patch16_224", 0.7): 11.5,
+    ("deit_tiny_patch16_224", 1.0, False): 1.3,
+    ("deit_tiny_patch16_224", 0.7, False): 0.8,
+    ("deit_small_patch16_224", 1.0, False): 4.6,
+    ("deit_small_patch16_224", 0.7, False): 3.0,
+    ("deit_small_patch16_224", 0.5, False): 2.3,
+    ("deit_small_patch16_224", 0.7, True): 3.1,
+    ("deit_base_patch16_224", 1.0, False): 17.5,
+    ("deit_base_patch16_224", 0.7, False): 11.5,
 }
 COLUMNS = [
     "model",
@@ -69,6 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pretrained", action="store_true", help="load timm weights (needs the network)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for flops.csv/.md/.png")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument(
+        "--multiscale",
+        action="store_true",
+        help="add merge @ 0.7 rows with the multi-scale module, without and with eq. 6",
+    )
     args = parser.parse_args(argv)
     args.models = args.models.split(",") if args.models else (MODELS[:2] if args.quick else MODELS)
     args.keep_rates = (
@@ -89,77 +98,89 @@ def create(name: str, pretrained: bool) -> torch.nn.Module:
     return timm.create_model(name)
 
 
+@dataclass(frozen=True)
+class Config:
+    """One row: how to patch the model (``multiscale``: ``None`` for none, else its ``downsample_blocks``)."""
+
+    method: str
+    rate: float
+    multiscale: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.multiscale is None:
+            return self.method
+        return f"{self.method} + multi-scale" + (
+            f" + eq. 6 (blocks 0-{self.multiscale - 1})" if self.multiscale else ""
+        )
+
+
+def configure(model: torch.nn.Module, config: Config, layers: tuple[int, ...]) -> None:
+    remove_multiscale(model)
+    if config.method == "unpatched":
+        tm.unpatch(model)
+        return
+    tm.patch(model, layers=layers, keep_rate=config.rate, method=config.method)
+    if config.multiscale is not None:
+        add_multiscale(model, downsample_blocks=config.multiscale)
+
+
 def benchmark_model(name: str, args: argparse.Namespace, device: torch.device) -> tuple[list[dict], str]:
     model = create(name, args.pretrained).eval()
-    params = sum(p.numel() for p in model.parameters()) / 1e6
     # methods at the same keep rate run back to back in each round, so their paired ratio is sharp
-    configs = [(method, rate) for rate in args.keep_rates for method in args.methods]
-    flops = {("unpatched", 1.0): tm.count_flops(model)}
-    for method, rate in configs:
-        tm.patch(model, layers=args.layers, keep_rate=rate, method=method)
-        flops[method, rate] = tm.count_flops(model)
-    tm.unpatch(model)
+    configs = [Config("unpatched", 1.0)]
+    configs += [Config(method, rate) for rate in args.keep_rates for method in args.methods]
+    if args.multiscale:
+        configs += [Config("merge", 0.7, 0), Config("merge", 0.7, min(args.layers))]
+    flops, params = {}, {}
+    for config in configs:
+        configure(model, config, args.layers)
+        flops[config] = tm.count_flops(model)
+        params[config] = sum(p.numel() for p in model.parameters()) / 1e6
     model.to(device)
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
 
     def run() -> None:
         model(images)
 
-    variants = {"unpatched": Variant(lambda: tm.unpatch(model), run)}
-    for method, rate in configs:
-        variants[f"{method}@{rate}"] = Variant(
-            lambda m=method, r=rate: tm.patch(model, layers=args.layers, keep_rate=r, method=m), run
-        )
+    variants = {config: Variant(lambda c=config: configure(model, c, args.layers), run) for config in configs}
     samples = interleaved_timings(variants, rounds=args.rounds, desc=SHORT.get(name, name))
-    tm.unpatch(model)
-    throughput = {key: args.batch_size / median(times) for key, times in samples.items()}
+    configure(model, configs[0], args.layers)
 
     def paired_ratio(slow: list[float], fast: list[float]) -> float:
         """Median over rounds of slow / fast: each round's two runs were back to back."""
         return median([a / b for a, b in zip(slow, fast, strict=True)])
 
-    base_flops = flops["unpatched", 1.0].total
-    rows = [
-        {
+    base, base_flops = configs[0], flops[configs[0]].total
+    rows = []
+    for config in configs:
+        total = flops[config].total
+        speedup = paired_ratio(samples[base], samples[config])
+        if config.multiscale is None:
+            paper = PAPER_GFLOPS.get((name, config.rate, False)) if config.method in ("merge", "unpatched") else None
+        else:  # the paper's full method: module and eq. 6
+            paper = PAPER_GFLOPS.get((name, config.rate, True)) if config.multiscale else None
+        row = {
             "model": SHORT.get(name, name),
-            "method": "unpatched",
-            "keep rate": 1.0,
-            "params (M)": params,
-            "GFLOPs": base_flops / 1e9,
-            "paper GFLOPs": PAPER_GFLOPS.get((name, 1.0)),
-            "FLOPs ↓ %": 0.0,
-            "img/s unpatched": throughput["unpatched"],
-            "img/s patched": throughput["unpatched"],
-            "speedup": 1.0,
-            "FLOPs ratio": 1.0,
-            "speedup ÷ FLOPs ratio": 1.0,
+            "method": config.label,
+            "keep rate": config.rate,
+            "params (M)": params[config],
+            "GFLOPs": total / 1e9,
+            "paper GFLOPs": paper,
+            "FLOPs ↓ %": 100 * (1 - total / base_flops),
+            "img/s unpatched": args.batch_size / median(samples[base]),
+            "img/s patched": args.batch_size / median(samples[config]),
+            "speedup": speedup,
+            "FLOPs ratio": base_flops / total,
+            "speedup ÷ FLOPs ratio": speedup * total / base_flops,
         }
-    ]
-    for method, rate in configs:
-        key = f"{method}@{rate}"
-        total = flops[method, rate].total
-        speedup = paired_ratio(samples["unpatched"], samples[f"{method}@{rate}"])
-        rows.append(
-            {
-                "model": SHORT.get(name, name),
-                "method": method,
-                "keep rate": rate,
-                "params (M)": params,
-                "GFLOPs": total / 1e9,
-                "paper GFLOPs": PAPER_GFLOPS.get((name, rate)) if method == "merge" else None,
-                "FLOPs ↓ %": 100 * (1 - total / base_flops),
-                "img/s unpatched": throughput["unpatched"],
-                "img/s patched": throughput[f"{method}@{rate}"],
-                "speedup": speedup,
-                "FLOPs ratio": base_flops / total,
-                "speedup ÷ FLOPs ratio": speedup * total / base_flops,
-            }
-        )
-        if method == "merge" and f"drop@{rate}" in samples:
-            rows[-1]["merge time vs drop %"] = 100 * (paired_ratio(samples[f"drop@{rate}"], samples[key]) - 1)
-    detail_key = ("merge", 0.7) if ("merge", 0.7) in flops else (configs[0] if configs else ("unpatched", 1.0))
-    detail = f"Per-block tokens and GFLOPs, {SHORT.get(name, name)}, {detail_key[0]} at keep {detail_key[1]}:\n\n"
-    return rows, detail + str(flops[detail_key])
+        drop = Config("drop", config.rate)
+        if config.method == "merge" and config.multiscale is None and drop in samples:
+            row["merge time vs drop %"] = 100 * (paired_ratio(samples[drop], samples[config]) - 1)
+        rows.append(row)
+    detail = next((c for c in configs if c == Config("merge", 0.7)), configs[min(1, len(configs) - 1)])
+    text = f"Per-block tokens and GFLOPs, {SHORT.get(name, name)}, {detail.label} at keep {detail.rate}:\n\n"
+    return rows, text + str(flops[detail])
 
 
 def goal_lines(rows: list[dict]) -> list[str]:
