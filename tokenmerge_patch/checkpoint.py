@@ -41,6 +41,18 @@ class Checkpoint:
     config: dict
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    """Whether the model hub answers within ``timeout`` seconds (timm's own offline failure takes ~50 s of
+    retries), so ``pretrained=True`` is only tried where it can work."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def build_model(config: dict) -> VisionTransformer:
     """A ``VisionTransformer`` from a checkpoint config (random weights).
 
