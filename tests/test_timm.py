@@ -199,7 +199,9 @@ def test_deepcopy_and_pickle(images: torch.Tensor) -> None:
         assert clone.blocks[1].forward.block is clone.blocks[1]
         with torch.no_grad():
             assert torch.equal(clone(images), expected)
-        tm.unpatch(clone)
+            tm.unpatch(clone)
+            assert "forward" not in clone.blocks[1].__dict__ and "pool" not in clone.__dict__
+            torch.testing.assert_close(clone(images), tm.unpatch(copy.deepcopy(model))(images))
         assert tm.is_patched(model)
     buffer = io.BytesIO()
     torch.save(model, buffer)

@@ -19,7 +19,17 @@ from .reduce import METHODS, SIMILARITIES, reduce_tokens
 from .schedule import KeepRateSpec, LayerSpec, resolve_plan
 
 ATTRIBUTE = "_tokenmerge"
-_MISSING = object()
+
+
+class _Missing:
+    """Marks "no instance attribute was there"; stays the one object through deepcopy and pickle, so
+    unpatching a copy removes the override instead of writing a stray sentinel."""
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 @dataclass(frozen=True)
