@@ -1,0 +1,271 @@
+"""Hugging Face transformers (>= 5) backend: ViT, DeiT, Dinov2 and CLIP vision models.
+
+Where the scores come from: the layer's own attention module runs unchanged (``sdpa`` stays fused, ``eager``
+still returns its weights); its queries and keys are read as they leave ``q_proj`` / ``k_proj`` and only the
+class row is recomputed from them. Where the reduction happens: a reducing layer gets an instance-level
+``forward`` that calls the layer's own submodules in its own order (pre-norm, attention, [LayerScale,
+drop path,] residual), reduces, then runs the MLP half. Layer, attention and model classes stay the same, so
+``output_hidden_states`` / ``output_attentions`` capture (forward hooks keyed by class) keeps working.
+
+Example:
+    >>> import torch, tokenmerge_patch as tm
+    >>> from transformers import ViTConfig, ViTForImageClassification
+    >>> config = ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=4,
+    ...                    num_attention_heads=2, intermediate_size=64, num_labels=3)
+    >>> model = tm.patch(ViTForImageClassification(config).eval(), layers=(1, 2), keep_rate=0.5)
+    >>> out = model(torch.randn(2, 3, 32, 32), output_hidden_states=True)
+    >>> out.logits.shape, [h.shape[1] for h in out.hidden_states]
+    (torch.Size([2, 3]), [65, 65, 33, 17, 17])
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from functools import cache, partial, reduce
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..reduce import size_weighted_mean
+from .capture import CaptureOutputs
+
+if TYPE_CHECKING:
+    from ..patch import PatchConfig, TokenMergeState
+
+SUPPORTED_HF = (
+    "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
+    "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, CLIPVisionModel and "
+    "CLIPVisionModelWithProjection (and subclasses that keep their forward)"
+)
+
+
+class LayerLayout(NamedTuple):
+    """Names of a layer's submodules in the order its forward calls them, and of its attention's scale."""
+
+    norm1: str
+    attention: str
+    after_attention: tuple[str, ...]  # applied to the attention output before the residual
+    norm2: str
+    mlp: str
+    after_mlp: tuple[str, ...]
+    scale: str
+
+
+VIT_LAYOUT = LayerLayout(
+    "layernorm_before", "attention", ("dropout",), "layernorm_after", "mlp", ("dropout",), "scaling"
+)
+DINOV2_LAYOUT = LayerLayout(
+    "norm1", "attention", ("layer_scale1", "drop_path"), "norm2", "mlp", ("layer_scale2", "drop_path"), "scaling"
+)
+CLIP_LAYOUT = LayerLayout("layer_norm1", "self_attn", (), "layer_norm2", "mlp", (), "scale")
+
+
+class _Registry(NamedTuple):
+    models: dict[type, int]  # supported top-level class -> number of prefix tokens
+    backbones: dict[type, tuple[str, ...]]  # model.base_model class -> attribute path of its layer list
+    layers: dict[type, tuple[LayerLayout, type]]  # layer class -> its layout and attention class
+    concat_mean: type  # classifier input is cat([cls, mean of patch tokens])
+
+
+@cache
+def _registry() -> _Registry:
+    # Imported on first use: claims() only gets here for a transformers model, so timm users never pay for it.
+    from transformers.models.clip import modeling_clip as clip
+    from transformers.models.deit import modeling_deit as deit
+    from transformers.models.dinov2 import modeling_dinov2 as dinov2
+    from transformers.models.vit import modeling_vit as vit
+
+    models = {vit.ViTModel: 1, vit.ViTForImageClassification: 1, dinov2.Dinov2Model: 1}
+    models |= {dinov2.Dinov2ForImageClassification: 1, clip.CLIPVisionModel: 1, clip.CLIPVisionModelWithProjection: 1}
+    # every DeiT embedding appends the distillation token: class + distillation token are both prefix tokens
+    models |= {deit.DeiTModel: 2, deit.DeiTForImageClassification: 2, deit.DeiTForImageClassificationWithTeacher: 2}
+    backbones = {
+        vit.ViTModel: ("layers",),
+        deit.DeiTModel: ("layers",),
+        dinov2.Dinov2Model: ("encoder", "layer"),
+        clip.CLIPVisionModel: ("encoder", "layers"),
+    }
+    layers = {
+        vit.ViTLayer: (VIT_LAYOUT, vit.ViTAttention),
+        deit.DeiTLayer: (VIT_LAYOUT, deit.DeiTAttention),
+        dinov2.Dinov2Layer: (DINOV2_LAYOUT, dinov2.Dinov2Attention),
+        clip.CLIPEncoderLayer: (CLIP_LAYOUT, clip.CLIPAttention),
+    }
+    return _Registry(models, backbones, layers, dinov2.Dinov2ForImageClassification)
+
+
+def _known_base(cls: type, table: dict[type, object]) -> type | None:
+    """The class of ``table`` that ``cls`` is (or subclasses without changing its forward), else ``None``."""
+    base = next((c for c in cls.__mro__ if c in table), None)
+    return base if base is not None and cls.forward is base.forward else None
+
+
+def _resolve(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int]:
+    """The backbone (``model.base_model``), its layer list and the number of prefix tokens."""
+    registry = _registry()
+    top = _known_base(type(model), registry.models)
+    backbone = getattr(model, "base_model", None)
+    kind = None if backbone is None else _known_base(type(backbone), registry.backbones)
+    if top is None or kind is None:
+        raise TypeError(f"tokenmerge_patch supports {SUPPORTED_HF}; got {type(model).__name__}")
+    return backbone, reduce(getattr, registry.backbones[kind], backbone), registry.models[top]
+
+
+def _layout(layer: nn.Module, index: int | None = None) -> LayerLayout:
+    """Where ``layer``'s parts are; ``TypeError`` unless its layer and attention classes are known."""
+    registry = _registry()
+    kind = _known_base(type(layer), registry.layers)
+    where = "this layer" if index is None else f"layer {index}"
+    if kind is None:
+        names = ", ".join(cls.__name__ for cls in registry.layers)
+        raise TypeError(f"{where} is {type(layer).__name__}; tokenmerge_patch supports {names}")
+    layout, attention_class = registry.layers[kind]
+    attention = getattr(layer, layout.attention, None)
+    if _known_base(type(attention), {attention_class: None}) is None:
+        raise TypeError(
+            f"{where}'s attention is {type(attention).__name__}; tokenmerge_patch supports "
+            f"{attention_class.__name__} (and subclasses that keep its forward)"
+        )
+    return layout
+
+
+def _refuse_mask(layer: int, attention_mask: Tensor | None) -> None:
+    if attention_mask is not None:
+        raise ValueError(
+            f"layer {layer} is patched to reduce tokens, so an attention_mask sized for the full sequence cannot be "
+            "honoured after it; call the model without attention_mask (or unpatch it to use masks)"
+        )
+
+
+class ReducingLayerForward:
+    """Replaces a reducing layer's ``forward`` (an instance attribute: the layer stays the same object with the same
+    submodules, and forward hooks on it, such as ``output_hidden_states`` capture, see the reduced output)."""
+
+    def __init__(self, layer: nn.Module, state: TokenMergeState, index: int, layout: LayerLayout) -> None:
+        self.layer, self.state, self.index, self.layout = layer, state, index, layout
+
+    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
+        _refuse_mask(self.index, attention_mask)
+        layer = self.layer
+        if layer.gradient_checkpointing and layer.training:  # what the class-level forward would have done
+            return layer._gradient_checkpointing_func(partial(self.run, **kwargs), hidden_states)
+        return self.run(hidden_states, **kwargs)
+
+    def run(self, x: Tensor, **kwargs: object) -> Tensor:
+        layer, layout = self.layer, self.layout
+        attention = getattr(layer, layout.attention)
+        bias = self.state.attention_bias(self.index, x)
+        with CaptureOutputs(attention.q_proj, attention.k_proj) as captured:
+            y = attention(getattr(layer, layout.norm1)(x), attention_mask=bias, **kwargs)[0]
+        # [B, N, H * d] -> [B, H, N, d], as the attention itself reshapes them
+        q, k = (t.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2) for t in captured.require("q/k"))
+        for name in layout.after_attention:
+            y = getattr(layer, name)(y)
+        x = self.state.reduce(self.index, x + y, q, k, getattr(attention, layout.scale), attn_bias=bias)
+        y = getattr(layer, layout.mlp)(getattr(layer, layout.norm2)(x))
+        for name in layout.after_mlp:
+            y = getattr(layer, name)(y)
+        return x + y
+
+    def __repr__(self) -> str:
+        return f"ReducingLayerForward(layer={self.index})"
+
+
+class ProportionalLayerForward:
+    """With ``prop_attn``: a layer after a reduction that does not reduce itself runs its own forward with
+    ``log(size)`` as the additive attention mask (sdpa and eager both add a float mask to the logits)."""
+
+    def __init__(self, layer: nn.Module, state: TokenMergeState, index: int) -> None:
+        self.layer, self.state, self.index = layer, state, index
+
+    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
+        _refuse_mask(self.index, attention_mask)
+        bias = self.state.attention_bias(self.index, hidden_states)
+        return type(self.layer).forward(self.layer, hidden_states, bias, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ProportionalLayerForward(layer={self.index})"
+
+
+class SizeWeightedPatchMean:
+    """Dinov2ForImageClassification feeds its classifier ``cat([cls, patch_tokens.mean(1)])``; after a merge that mean
+    must count each token as the patches it holds. :meth:`keep` replaces ``dinov2.layernorm.forward`` to see the final
+    tokens; ``__call__`` replaces ``classifier.forward`` and swaps in the size-weighted mean."""
+
+    def __init__(self, model: nn.Module, state: TokenMergeState) -> None:
+        self.model, self.state = model, state
+        self.tokens: Tensor | None = None
+
+    def keep(self, x: Tensor) -> Tensor:
+        norm = self.model.dinov2.layernorm
+        self.tokens = type(norm).forward(norm, x)
+        return self.tokens
+
+    def __call__(self, linear_input: Tensor) -> Tensor:
+        tokens, self.tokens = self.tokens, None  # used once: no stale tokens, no graph kept alive
+        sizes = None if tokens is None else self.state.final_sizes(tokens)
+        if sizes is not None and linear_input.shape == (tokens.shape[0], 2 * tokens.shape[2]):
+            start = self.state.num_prefix
+            mean = size_weighted_mean(tokens[:, start:], sizes[:, start:])
+            linear_input = torch.cat([linear_input[:, : tokens.shape[2]], mean], dim=1)
+        classifier = self.model.classifier
+        return type(classifier).forward(classifier, linear_input)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "tokens": None}  # per-forward, not part of the model
+
+
+class HFBackend:
+    name = "hf"
+
+    def claims(self, model: nn.Module) -> bool:
+        # A transformers model implies transformers.modeling_utils is imported; never import it for timm users.
+        modeling_utils = sys.modules.get("transformers.modeling_utils")
+        return modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel)
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return _resolve(model)[1]
+
+    def check(self, model: nn.Module, config: PatchConfig) -> int:
+        _, layers, num_prefix = _resolve(model)
+        checked = set(config.layers)
+        if config.prop_attn:  # later layers get log(size) masks through their own forward
+            checked |= set(range(config.layers[0], len(layers)))
+        for index in sorted(checked):
+            attention = getattr(layers[index], _layout(layers[index], index).attention)
+            implementation = attention.config._attn_implementation
+            if config.prop_attn and implementation not in ("sdpa", "eager"):
+                raise ValueError(
+                    f"prop_attn needs attn_implementation 'sdpa' or 'eager' (a float attention mask); layer {index} "
+                    f"uses {implementation!r}: call model.set_attn_implementation('sdpa') first"
+                )
+        return num_prefix
+
+    def install(self, model: nn.Module, state: TokenMergeState) -> None:
+        backbone, layers, _ = _resolve(model)
+        config = state.config
+        for index in config.layers:
+            layer = layers[index]
+            state.override(layer, "forward", ReducingLayerForward(layer, state, index, _layout(layer, index)))
+        if config.prop_attn:  # every later layer attends with log(size), reducing or not
+            for index in range(config.layers[0] + 1, len(layers)):
+                if index not in config.layers:
+                    state.override(layers[index], "forward", ProportionalLayerForward(layers[index], state, index))
+        if isinstance(model, _registry().concat_mean):
+            pool = SizeWeightedPatchMean(model, state)
+            state.override(backbone.layernorm, "forward", pool.keep)
+            state.override(model.classifier, "forward", pool)
+        state.add_reset_hook(backbone.embeddings)
+
+    def tokens_of(self, block_output: object) -> int:
+        return (block_output[0] if isinstance(block_output, (tuple, list)) else block_output).shape[1]
+
+    def block_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
+        layout = _layout(block)
+        attention = getattr(block, layout.attention)
+        return attention, getattr(block, layout.mlp), attention.q_proj.out_features
+
+
+BACKEND = HFBackend()
