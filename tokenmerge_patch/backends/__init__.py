@@ -37,7 +37,8 @@ class Backend(Protocol):
 
 SUPPORTED = (
     "timm VisionTransformer models built from timm's Block and Attention (vit_*, deit_*, "
-    "deit_*_distilled, deit3_*, *_dinov2, register-token models, qk-norm models)"
+    "deit_*_distilled, deit3_*, *_dinov2, register-token models, qk-norm models) and Hugging Face "
+    "transformers ViT, DeiT, Dinov2 and CLIP vision models"
 )
 
 
