@@ -11,6 +11,7 @@ torch.Size([2, 1000])
 >>> _ = tokenmerge_patch.unpatch(model)
 """
 
+from .finetune import EpochStats, StepInfo, finetune
 from .flops import FlopReport, count_flops
 from .patch import (
     LayerRecord,
@@ -28,11 +29,14 @@ from .schedule import default_layers
 from .vis import show_merges
 
 __all__ = [
+    "EpochStats",
     "FlopReport",
     "LayerRecord",
     "PatchConfig",
+    "StepInfo",
     "count_flops",
     "default_layers",
+    "finetune",
     "is_patched",
     "kept_count",
     "patch",

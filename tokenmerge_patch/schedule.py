@@ -78,3 +78,27 @@ def resolve_plan(depth: int, layers: LayerSpec, keep_rate: KeepRateSpec) -> tupl
     else:
         rates = (_check_keep_rate(keep_rate, "keep_rate"),) * len(chosen)
     return tuple(sorted(zip(chosen, rates, strict=True)))
+
+
+def warmup_keep_rates(targets: Sequence[float], step: int, warmup_steps: int) -> tuple[float, ...]:
+    """Per-layer keep rates at training ``step`` (0-based): a cosine from 1 down to each target over the
+    first ``warmup_steps`` steps, then the targets (EViT's ``adjust_keep_rate``, per step).
+
+    Starting at 1 lets a pretrained model see all its tokens first and lose them gradually.
+
+    >>> warmup_keep_rates((0.5, 0.25), 0, 4)
+    (1.0, 1.0)
+    >>> [round(rate, 4) for rate in warmup_keep_rates((0.5, 0.25), 2, 4)]  # half way: (1 + target) / 2
+    [0.75, 0.625]
+    >>> warmup_keep_rates((0.5, 0.25), 4, 4), warmup_keep_rates((0.5,), 0, 0)
+    ((0.5, 0.25), (0.5,))
+    """
+    rates = tuple(_check_keep_rate(target, "target keep rate") for target in targets)
+    if isinstance(step, bool) or not isinstance(step, Integral) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, Integral) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if step >= warmup_steps:
+        return rates
+    factor = 0.5 * (1.0 + math.cos(math.pi * step / warmup_steps))  # 1 at step 0, -> 0 at warmup_steps
+    return tuple(rate + (1.0 - rate) * factor for rate in rates)
