@@ -49,6 +49,7 @@ import tokenmerge_patch as tm
 from tokenmerge_patch.checkpoint import load_checkpoint
 from tokenmerge_patch.data import dataset_from_spec
 from tokenmerge_patch.finetune import EpochStats, StepInfo, evaluate_loader, finetune
+from tokenmerge_patch.multiscale import add_multiscale
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, markdown_table, parse_ints, pick_device, set_threads, write_outputs
@@ -123,6 +124,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     parser.add_argument("--save", type=Path, default=None, help="folder for the fine-tuned weights")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--multiscale", action="store_true", help="add the multi-scale module (trained with the rest)")
+    parser.add_argument("--low-patch-size", type=int, default=None, help="multi-scale: low-scale patch (default 2x)")
+    parser.add_argument("--downsample-blocks", type=int, default=0, help="multi-scale: blocks running eq. 6")
     args = parser.parse_args(argv)
     if args.checkpoint is None and args.model is None:
         if not DEFAULT_CHECKPOINT.is_dir():
@@ -293,6 +297,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         teacher = copy.deepcopy(model).eval() if args.teacher else None
         tm.patch(model, layers=args.layers, keep_rate=args.keep_rate, method=args.method)
         layers = ",".join(map(str, tm.patch_config(model).layers))
+        if args.multiscale:  # new parameters: added before the optimizer is built inside finetune()
+            torch.manual_seed(args.seed)
+            add_multiscale(model, low_patch_size=args.low_patch_size, downsample_blocks=args.downsample_blocks)
+            model.to(device)
         before, before_seconds = measure()
 
         steps: list[StepInfo] = []
@@ -324,10 +332,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             dist.all_gather_object(sums, checksum(model))
         if rank == 0:
             rows = make_rows(unpatched, unpatched_seconds, before, before_seconds, history, args.keep_rate, layers)
+            module = ""
+            if args.multiscale:
+                fusion = model.multiscale
+                module = (
+                    f" + multi-scale ({fusion.low_patch_size}-px low-scale patches, {fusion.low_grid[0]}x"
+                    f"{fusion.low_grid[1]} grid, fused before block {fusion.fuse_at}, eq. 6 on "
+                    f"{fusion.downsample_blocks} block(s))"
+                )
             setup = (
-                f"{name}, {args.method} at keep rate {args.keep_rate} in blocks {layers}; trained on {len(train)} "
-                f"images of {args.data.split(':')[0]}, validated on {len(val)}; {args.epochs} epoch(s), lr "
-                f"{args.lr:g}, batch {args.batch_size} x {world} process(es), device {device.type}, {threads} "
+                f"{name}, {args.method} at keep rate {args.keep_rate} in blocks {layers}{module}; trained on "
+                f"{len(train)} images of {args.data.split(':')[0]}, validated on {len(val)}; {args.epochs} epoch(s), "
+                f"lr {args.lr:g}, batch {args.batch_size} x {world} process(es), device {device.type}, {threads} "
                 f"thread(s) each; fine-tune wall time {tuning:.1f} s (training + validation), "
                 f"whole run {time.perf_counter() - started:.0f} s"
             )

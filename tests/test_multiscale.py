@@ -178,3 +178,20 @@ def test_unsupported_models() -> None:
     add_multiscale(model)
     with pytest.raises(ValueError, match="already has a multi-scale module"):
         add_multiscale(model)
+
+
+def test_the_finetune_loop_trains_every_new_parameter() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = make_model("vit").train()
+    tm.patch(model, layers=(1, 3), keep_rate=0.5)
+    add_multiscale(model, downsample_blocks=1)
+    before = {name: p.detach().clone() for name, p in model.multiscale.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(
+        torch.randn(16, 3, 32, 32, generator=generator), torch.randint(0, 5, (16,), generator=generator)
+    )
+    tm.finetune(model, DataLoader(data, batch_size=4), epochs=1, lr=1e-2, lr_warmup=0.0, progress=False)
+    unchanged = [name for name, p in model.multiscale.named_parameters() if torch.equal(p, before[name])]
+    assert unchanged == []
+    assert tm.is_patched(model) and has_multiscale(model)
