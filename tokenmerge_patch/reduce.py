@@ -151,13 +151,17 @@ def group_sum(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
 def group_weighted_mean(tokens: Tensor, weights: Tensor, group: Tensor, num_groups: int) -> Tensor:
     """Eq. 4 for every group at once: ``m_g = sum_{i in g} w_i x_i / sum_{i in g} w_i``.
 
+    The weights are normalised per group in float32 before touching the tokens: in fp16 a softmax score
+    can flush to zero, and a group of zeros would divide 0 by 0. Weights are floored at 1e-30, so such a
+    group becomes a plain mean.
+
     Args:
-        tokens: ``[B, M, C]``; weights: ``[B, M]``; group: ``[B, M]`` group index in ``0..num_groups-1``
-            (every group must hold at least one token of positive weight).
+        tokens: ``[B, M, C]``; weights: ``[B, M]`` (>= 0); group: ``[B, M]`` group index in
+            ``0..num_groups-1`` (every group must hold at least one token).
     """
-    weights = weights.to(tokens.dtype)
-    numerator = group_sum(tokens * weights.unsqueeze(-1), group, num_groups)
-    return numerator / group_sum(weights, group, num_groups).unsqueeze(-1)
+    weights = weights.float().clamp_min(1e-30)
+    share = weights / group_sum(weights, group, num_groups).gather(1, group)
+    return group_sum(tokens * share.to(tokens.dtype).unsqueeze(-1), group, num_groups)
 
 
 @dataclass
@@ -232,7 +236,11 @@ def reduce_tokens(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if not 0.0 < keep_rate <= 1.0:
+        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate!r}")
     batch, num_tokens, _ = x.shape
+    if not 1 <= num_prefix < num_tokens:
+        raise ValueError(f"num_prefix must count the class token (>= 1) and leave patch tokens, got {num_prefix}")
     num_patches = num_tokens - num_prefix
     if sizes is None:
         sizes = x.new_ones(batch, num_tokens, dtype=torch.float32)
@@ -262,9 +270,11 @@ def reduce_tokens(
         fused_size = sizes[:, num_prefix:].gather(1, rest_index).sum(dim=1, keepdim=True)
         out = torch.cat([prefix, kept, fused], dim=1)
         out_sizes = torch.cat([prefix_sizes, kept_sizes, fused_size], dim=1)
-        survivors = None
-        landing = torch.full((batch, num_patches), num_prefix + keep, dtype=torch.long, device=x.device)
-        landing.scatter_(1, keep_index, torch.arange(num_prefix, num_prefix + keep, device=x.device).expand(batch, -1))
+        survivors = landing = None  # every patch lands in some token: computed below if traced
+        if source is not None:
+            landing = torch.full((batch, num_patches), num_prefix + keep, dtype=torch.long, device=x.device)
+            kept_position = torch.arange(num_prefix, num_prefix + keep, device=x.device).expand(batch, -1)
+            landing.scatter_(1, keep_index, kept_position)
     else:
         out, out_sizes, landing = _merge(
             x,
@@ -365,7 +375,7 @@ def _bipartite(x: Tensor, k: Tensor, num_prefix: int, merges: int, sizes: Tensor
     out_sizes = torch.cat([sizes[:, :num_prefix], group_sum(patch_sizes, group, num_out)], dim=1)
     if source is not None:
         source = move_source(source, num_prefix, num_tokens, None, group + num_prefix)
-    keep_index = survives.nonzero()[:, 1].view(batch, num_out)
+    keep_index = (~survives).to(torch.uint8).argsort(dim=1, stable=True)[:, :num_out]  # no host sync
     return Reduced(out, out_sizes, source, keep_index)
 
 
