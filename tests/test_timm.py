@@ -256,17 +256,17 @@ def test_avg_pool_is_size_weighted(images: torch.Tensor) -> None:
         torch.testing.assert_close(model.forward_head(features, pre_logits=True), model.fc_norm(weighted))
 
 
-def test_state_is_reset_every_forward(images: torch.Tensor) -> None:
-    model = make_model("vit")
+def test_each_forward_replaces_the_bookkeeping(images: torch.Tensor) -> None:
+    model = make_model("vit").train()
     tm.patch(model, layers=(1, 2), keep_rate=0.5, trace_source=True)
+    model(images).sum().backward()
+    first = tm.reduction_trace(model)
+    assert first[2].source.shape == (3, 64) and first[2].sizes.shape == (3, 17)
+    assert all(r.sizes.grad_fn is None and not r.sizes.requires_grad for r in first.values())  # no graph kept
     with torch.no_grad():
-        model(images)
-        first = tm.reduction_trace(model)
-        assert first[2].source.shape == (3, 64)
-        model.patch_embed(images)  # the next forward begins
-        assert tm.reduction_trace(model) == {}
         model(images[:1])
-        assert tm.reduction_trace(model)[2].sizes.shape == (1, 17)
+    second = tm.reduction_trace(model)
+    assert [r.sizes.shape for r in second.values()] == [(1, 33), (1, 17)]
     assert pickle.loads(pickle.dumps(model))._tokenmerge.records == {}
 
 
@@ -340,3 +340,132 @@ def test_masks_are_refused_clearly(images: torch.Tensor) -> None:
     tm.patch(model, layers=(1,), keep_rate=0.5)
     with pytest.raises(ValueError, match="attn_mask"):
         model(images, attn_mask=torch.zeros(65, 65))
+
+
+# -- what the review asked for --------------------------------------------------------------------
+
+
+def test_forward_intermediates_refuses_grids_after_reduction(images: torch.Tensor) -> None:
+    model = make_model("vit")
+    tm.patch(model, layers=(2,), keep_rate=0.5)
+    with torch.no_grad():
+        early = model.forward_intermediates(images, indices=[0, 1], intermediates_only=True)
+        assert [tuple(t.shape) for t in early] == [(3, 32, 8, 8)] * 2
+        with pytest.raises(ValueError, match=r"blocks \[2, 3\] come after token reduction"):
+            model.forward_intermediates(images, indices=4)
+        tokens = model.forward_intermediates(images, indices=4, output_fmt="NLC", intermediates_only=True)
+    assert [t.shape[1] for t in tokens] == [64, 64, 32, 32]  # patch tokens (prefix stripped) after each block
+
+
+def test_fp16_merge_has_no_nan_when_scores_underflow() -> None:
+    from tokenmerge_patch.reduce import reduce_tokens
+
+    n = 17
+    x = torch.randn(1, n, 8)
+    q, k = torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1)
+    q[0, 0, 0] = 1.0
+    k[0, 0, 1:4] = 25.0  # three patches take all the attention; the others' scores flush to zero in fp16
+    half = reduce_tokens(x.half(), q.half(), k.half(), 1.0, num_prefix=1, keep_rate=0.5)
+    full = reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5)
+    assert not half.x.isnan().any()
+    torch.testing.assert_close(half.x.float(), full.x, atol=2e-2, rtol=2e-2)
+
+
+def test_bfloat16_selects_what_float32_selects() -> None:
+    from tokenmerge_patch.reduce import reduce_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    x, q = torch.randn(2, 1 + 40, 16, generator=generator), torch.randn(2, 4, 41, 8, generator=generator)
+    k = torch.randn(2, 4, 41, 8, generator=generator) * 2
+    full = reduce_tokens(x, q, k, 0.35, num_prefix=1, keep_rate=0.5, trace_source=True)
+    low = reduce_tokens(x.bfloat16(), q.bfloat16(), k.bfloat16(), 0.35, num_prefix=1, keep_rate=0.5, trace_source=True)
+    assert low.x.dtype == torch.bfloat16
+    assert torch.equal(low.keep_index, full.keep_index)
+    assert (low.source == full.source).float().mean() > 0.9  # near-ties in cosine may flip in bf16
+    torch.testing.assert_close(low.x.float(), full.x, atol=0.1, rtol=0.05)
+
+
+def test_a_users_instance_forward_is_not_bypassed(images: torch.Tensor) -> None:
+    model = make_model("vit")
+    calls = []
+    block = model.blocks[2]
+
+    def wrapper(x, **kwargs):
+        calls.append(1)
+        return type(block).forward(block, x, **kwargs)
+
+    block.forward = wrapper
+    with pytest.raises(TypeError, match="block 2 already has an instance-level forward"):
+        tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    assert not tm.is_patched(model) and block.forward is wrapper and "forward" not in model.blocks[1].__dict__
+    model.blocks[1].attn.k_norm.forward = lambda t: t
+    with pytest.raises(TypeError, match=r"block 1's attn\.k_norm already has an instance-level forward"):
+        tm.patch(model, layers=(1,), keep_rate=0.5)
+
+
+def test_data_parallel_replicas_are_refused_clearly() -> None:
+    model = make_model("vit")
+    tm.patch(model, layers=(1,), keep_rate=0.5)
+    # a replica on another device would call the original block's patched forward with its own tokens
+    with pytest.raises(RuntimeError, match=r"nn\.DataParallel is not supported"):
+        model.blocks[1](torch.empty(2, 65, 32, device="meta"))
+
+
+def test_torch_compile_sees_one_graph(images: torch.Tensor) -> None:
+    model = make_model("registers_dinov2")
+    tm.patch(model, layers=(1, 2), keep_rate=0.5, prop_attn=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(images)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images), model(images))
+
+
+def test_set_keep_rate_changes_rates_without_reinstalling(images: torch.Tensor) -> None:
+    model = make_model("vit")
+    tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    forward = model.blocks[1].forward
+    tm.set_keep_rate(model, (0.25, 1.0))
+    assert model.blocks[1].forward is forward and tm.patch_config(model).keep_rates == (0.25, 1.0)
+    with torch.no_grad():
+        assert tm.token_counts(model, images) == [65, 17, 17, 17]
+    with pytest.raises(ValueError, match="keep_rate has 3 rates but 2 layers"):
+        tm.set_keep_rate(model, (0.5, 0.5, 0.5))
+    assert tm.patch_config(model).keep_rates == (0.25, 1.0)
+    with pytest.raises(ValueError, match="not patched"):
+        tm.set_keep_rate(make_model("vit"), 0.5)
+
+
+def test_checkpointing_recomputes_reducing_blocks(images: torch.Tensor, monkeypatch) -> None:
+    model = make_model("vit").train()
+    model.set_grad_checkpointing(True)
+    tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    state, reduce = model._tokenmerge, model._tokenmerge.reduce
+    reduced, checkpointed = [], []
+
+    def counting_reduce(layer, *args, **kwargs):
+        reduced.append(layer)
+        return reduce(layer, *args, **kwargs)
+
+    def counting_checkpoint(function, *args, **kwargs):
+        checkpointed.append(1)
+        return original(function, *args, **kwargs)
+
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    state.reduce = counting_reduce
+    model(images).sum().backward()
+    assert len(checkpointed) == 4  # one checkpointed segment per block
+    assert sorted(reduced) == [1, 1, 2, 2]  # each reduction ran in the forward and again in the backward
+
+
+def test_eval_mode_helpers_keep_a_users_frozen_block(images: torch.Tensor) -> None:
+    from tokenmerge_patch.vis import merge_sources
+
+    model = make_model("vit").train()
+    model.blocks[0].eval()
+    tm.patch(model, layers=(1,), keep_rate=0.5)
+    tm.count_flops(model, (3, 32, 32))
+    merge_sources(model, images[0])
+    assert model.training and model.blocks[1].training and not model.blocks[0].training

@@ -1,9 +1,9 @@
 """patch() / unpatch(): validate, find the backend, install, remember what was there.
 
-Patching changes no class and no parameter. It sets a few instance attributes (a reducing block's
-``forward``, the model's pooling) and one forward pre-hook on the embedding that starts each forward
-with fresh bookkeeping. Everything set is recorded on ``model._tokenmerge`` and taken back by
-:func:`unpatch`, which restores whatever instance attribute was there before.
+Patching changes no class, parameter, buffer or hook. It sets a few instance attributes (a reducing
+block's ``forward``, taps on the submodules its queries and keys leave through, the model's pooling).
+Everything set is recorded on ``model._tokenmerge`` and taken back by :func:`unpatch`, which restores
+whatever instance attribute was there before.
 """
 
 from __future__ import annotations
@@ -49,6 +49,13 @@ class PatchConfig:
     def keep_rate_of(self, layer: int) -> float:
         return self.keep_rates[self.layers.index(layer)]
 
+    def proportional_layers(self, depth: int) -> tuple[int, ...]:
+        """With ``prop_attn``: the blocks after the first reduction that do not reduce themselves (they
+        attend with ``log(size)`` through their own forward)."""
+        if not self.prop_attn:
+            return ()
+        return tuple(i for i in range(self.layers[0] + 1, depth) if i not in self.layers)
+
 
 @dataclass
 class LayerRecord:
@@ -70,7 +77,7 @@ class LayerRecord:
 
 class TokenMergeState:
     """Lives on a patched model as ``model._tokenmerge``: the configuration, what was installed, and
-    the current forward's per-layer bookkeeping (reset whenever the embedding runs)."""
+    the per-layer bookkeeping of the last forward (each reducing block replaces its own record)."""
 
     def __init__(self, config: PatchConfig, backend: Backend, num_prefix: int) -> None:
         self.config = config
@@ -78,7 +85,6 @@ class TokenMergeState:
         self.num_prefix = num_prefix
         self.records: dict[int, LayerRecord] = {}
         self._overrides: list[tuple[nn.Module, str, object]] = []
-        self._hooks: list[tuple[nn.Module, int]] = []
 
     # -- installation ---------------------------------------------------------------------------
     def override(self, module: nn.Module, name: str, value: object) -> None:
@@ -86,26 +92,16 @@ class TokenMergeState:
         self._overrides.append((module, name, module.__dict__.get(name, _MISSING)))
         module.__dict__[name] = value
 
-    def add_reset_hook(self, embedding: nn.Module) -> None:
-        handle = embedding.register_forward_pre_hook(self.reset)
-        self._hooks.append((embedding, handle.id))
-
     def uninstall(self) -> None:
         for module, name, previous in reversed(self._overrides):
             if previous is _MISSING:
                 module.__dict__.pop(name, None)
             else:
                 module.__dict__[name] = previous
-        for module, hook_id in self._hooks:
-            module._forward_pre_hooks.pop(hook_id, None)
         self._overrides.clear()
-        self._hooks.clear()
         self.records = {}
 
     # -- per forward ----------------------------------------------------------------------------
-    def reset(self, *_: object) -> None:
-        """Forget the previous forward (a forward pre-hook on the embedding)."""
-        self.records = {}
 
     def record_before(self, layer: int, x: Tensor) -> LayerRecord | None:
         """This forward's record of the last reducing block before ``layer``, if it belongs to ``x``.
@@ -290,7 +286,11 @@ def patch(
     num_prefix = backend.check(model, config)
     unpatch(model)
     state = TokenMergeState(config, backend, num_prefix)
-    backend.install(model, state)
+    try:
+        backend.install(model, state)
+    except BaseException:
+        state.uninstall()  # never leave a half-installed patch behind
+        raise
     model.__dict__[ATTRIBUTE] = state
     return model
 

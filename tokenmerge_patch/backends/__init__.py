@@ -26,7 +26,7 @@ class Backend(Protocol):
         ``config.layers``); return the number of prefix tokens."""
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
-        """Install the reduction through ``state.override`` / ``state.add_reset_hook`` only."""
+        """Install the reduction through ``state.override`` only (so ``unpatch`` can take it all back)."""
 
     def tokens_of(self, block_output: object) -> int:
         """Number of tokens in what a block returned."""
@@ -43,14 +43,10 @@ SUPPORTED = (
 
 
 def _backends() -> list[Backend]:
-    from . import timm as timm_backend
+    # hf.py imports transformers only once it meets a transformers model: timm users never pay for it
+    from . import hf, timm
 
-    found: list[Backend] = [timm_backend.BACKEND]
-    try:
-        from . import hf as hf_backend
-    except ImportError:  # transformers is an optional extra
-        return found
-    return [*found, hf_backend.BACKEND]
+    return [timm.BACKEND, hf.BACKEND]
 
 
 def find_backend(model: nn.Module) -> Backend:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..reduce import size_weighted_mean
-from .capture import CaptureOutputs
+from .shared import OutputTap, check_device, check_overridable, refuse_masks
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
@@ -131,23 +131,19 @@ def _layout(layer: nn.Module, index: int | None = None) -> LayerLayout:
     return layout
 
 
-def _refuse_mask(layer: int, attention_mask: Tensor | None) -> None:
-    if attention_mask is not None:
-        raise ValueError(
-            f"layer {layer} is patched to reduce tokens, so an attention_mask sized for the full sequence cannot be "
-            "honoured after it; call the model without attention_mask (or unpatch it to use masks)"
-        )
-
-
 class ReducingLayerForward:
     """Replaces a reducing layer's ``forward`` (an instance attribute: the layer stays the same object with the same
     submodules, and forward hooks on it, such as ``output_hidden_states`` capture, see the reduced output)."""
 
     def __init__(self, layer: nn.Module, state: TokenMergeState, index: int, layout: LayerLayout) -> None:
         self.layer, self.state, self.index, self.layout = layer, state, index, layout
+        attention = getattr(layer, layout.attention)
+        # q and k are read as they leave q_proj / k_proj, whose forwards are taps installed next to this one
+        self.taps = (OutputTap(attention.q_proj), OutputTap(attention.k_proj))
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
-        _refuse_mask(self.index, attention_mask)
+        refuse_masks(self.index, attention_mask, name="attention_mask")
+        check_device(hidden_states, getattr(self.layer, self.layout.attention).q_proj.weight)
         layer = self.layer
         if layer.gradient_checkpointing and layer.training:  # what the class-level forward would have done
             return layer._gradient_checkpointing_func(partial(self.run, **kwargs), hidden_states)
@@ -157,10 +153,14 @@ class ReducingLayerForward:
         layer, layout = self.layer, self.layout
         attention = getattr(layer, layout.attention)
         bias = self.state.attention_bias(self.index, x)
-        with CaptureOutputs(attention.q_proj, attention.k_proj) as captured:
-            y = attention(getattr(layer, layout.norm1)(x), attention_mask=bias, **kwargs)[0]
+        for tap in self.taps:
+            tap.arm()
+        y = attention(getattr(layer, layout.norm1)(x), attention_mask=bias, **kwargs)[0]
         # [B, N, H * d] -> [B, H, N, d], as the attention itself reshapes them
-        q, k = (t.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2) for t in captured.require("q/k"))
+        q, k = (
+            t.take(what).unflatten(-1, (-1, attention.head_dim)).transpose(1, 2)
+            for t, what in zip(self.taps, ("queries", "keys"), strict=True)
+        )
         for name in layout.after_attention:
             y = getattr(layer, name)(y)
         x = self.state.reduce(self.index, x + y, q, k, getattr(attention, layout.scale), attn_bias=bias)
@@ -181,7 +181,7 @@ class ProportionalLayerForward:
         self.layer, self.state, self.index = layer, state, index
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
-        _refuse_mask(self.index, attention_mask)
+        refuse_masks(self.index, attention_mask, name="attention_mask")
         bias = self.state.attention_bias(self.index, hidden_states)
         return type(self.layer).forward(self.layer, hidden_states, bias, **kwargs)
 
@@ -230,17 +230,18 @@ class HFBackend:
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
         _, layers, num_prefix = _resolve(model)
-        checked = set(config.layers)
-        if config.prop_attn:  # later layers get log(size) masks through their own forward
-            checked |= set(range(config.layers[0], len(layers)))
-        for index in sorted(checked):
-            attention = getattr(layers[index], _layout(layers[index], index).attention)
+        for index in (*config.layers, *config.proportional_layers(len(layers))):
+            layout = _layout(layers[index], index)
+            attention = getattr(layers[index], layout.attention)
             implementation = attention.config._attn_implementation
             if config.prop_attn and implementation not in ("sdpa", "eager"):
                 raise ValueError(
                     f"prop_attn needs attn_implementation 'sdpa' or 'eager' (a float attention mask); layer {index} "
                     f"uses {implementation!r}: call model.set_attn_implementation('sdpa') first"
                 )
+            check_overridable(layers[index], f"layer {index}", (ReducingLayerForward, ProportionalLayerForward))
+            for name in ("q_proj", "k_proj"):
+                check_overridable(getattr(attention, name), f"layer {index}'s {name}", (OutputTap,))
         return num_prefix
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
@@ -248,16 +249,16 @@ class HFBackend:
         config = state.config
         for index in config.layers:
             layer = layers[index]
-            state.override(layer, "forward", ReducingLayerForward(layer, state, index, _layout(layer, index)))
-        if config.prop_attn:  # every later layer attends with log(size), reducing or not
-            for index in range(config.layers[0] + 1, len(layers)):
-                if index not in config.layers:
-                    state.override(layers[index], "forward", ProportionalLayerForward(layers[index], state, index))
+            forward = ReducingLayerForward(layer, state, index, _layout(layer, index))
+            state.override(layer, "forward", forward)
+            for tap in forward.taps:
+                state.override(tap.module, "forward", tap)
+        for index in config.proportional_layers(len(layers)):  # with prop_attn: log(size) masks
+            state.override(layers[index], "forward", ProportionalLayerForward(layers[index], state, index))
         if isinstance(model, _registry().concat_mean):
             pool = SizeWeightedPatchMean(model, state)
             state.override(backbone.layernorm, "forward", pool.keep)
             state.override(model.classifier, "forward", pool)
-        state.add_reset_hook(backbone.embeddings)
 
     def tokens_of(self, block_output: object) -> int:
         return (block_output[0] if isinstance(block_output, (tuple, list)) else block_output).shape[1]
