@@ -195,3 +195,35 @@ def test_the_finetune_loop_trains_every_new_parameter() -> None:
     unchanged = [name for name, p in model.multiscale.named_parameters() if torch.equal(p, before[name])]
     assert unchanged == []
     assert tm.is_patched(model) and has_multiscale(model)
+
+
+def test_activation_checkpointing_is_honoured(images: torch.Tensor, monkeypatch) -> None:
+    grads, calls = [], []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(function, *args, **kwargs):
+        calls.append(1)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr("tokenmerge_patch.multiscale.checkpoint", counting)
+    for checkpointing in (False, True):
+        model = make_model("vit").train()
+        tm.patch(model, layers=(2,), keep_rate=0.5)
+        add_multiscale(model, downsample_blocks=1)
+        with torch.no_grad():
+            for param in model.multiscale.parameters():
+                param.add_(0.05)  # leave the zero init, so every path carries gradient
+        model.set_grad_checkpointing(checkpointing)
+        model(images).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert len(calls) == 4 + 2  # every block, and the low-scale pass through the two blocks before the fusion
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_foreign_forward_features_is_not_replaced() -> None:
+    model = make_model("vit")
+    model.forward_features = lambda x: x
+    with pytest.raises(TypeError, match="instance-level forward_features"):
+        add_multiscale(model)
+    assert not has_multiscale(model)

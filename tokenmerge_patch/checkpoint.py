@@ -43,9 +43,12 @@ class Checkpoint:
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
     """Whether the model hub answers within ``timeout`` seconds (timm's own offline failure takes ~50 s of
-    retries), so ``pretrained=True`` is only tried where it can work."""
+    retries), so ``pretrained=True`` is only tried where it can work. ``HF_HUB_OFFLINE=1`` means no."""
+    import os
     import socket
 
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
     try:
         with socket.create_connection((host, 443), timeout=timeout):
             return True

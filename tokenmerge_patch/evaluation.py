@@ -7,6 +7,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .utils import eval_mode
+
 
 @torch.inference_mode()
 def evaluate(
@@ -26,16 +28,12 @@ def evaluate(
     >>> evaluate(nn.Identity(), data, progress=False)
     0.6666666666666666
     """
-    was_training = model.training
-    model.eval()
     correct = total = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    try:
+    with eval_mode(model):
         for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
             logits = model(images.to(device))
             logits = logits if isinstance(logits, torch.Tensor) else logits.logits
             correct += (logits.argmax(-1).cpu() == labels).sum().item()
             total += labels.numel()
-    finally:
-        model.train(was_training)
     return correct / max(total, 1)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .patch import PatchConfig, is_patched, patch_config, set_keep_rate
 from .schedule import warmup_keep_rates
+from .utils import eval_mode
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = 1
@@ -412,17 +413,13 @@ def evaluate_loader(
     0.6666666666666666
     """
     device = _pick_device(device)
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    try:
+    with eval_mode(model):
         for images, labels in loader:
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 logits = _logits(model(images.to(device)))
             correct += (logits.argmax(-1).cpu() == labels).sum().item()
             total += labels.numel()
-    finally:
-        model.train(was_training)
     correct, total = _all_sum([correct, total], device)
     return correct / max(total, 1)
 

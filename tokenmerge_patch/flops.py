@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .backends import find_backend
 from .multiscale import analytic_extra_flops, has_multiscale
+from .utils import eval_mode
 
 
 def sdpa_flop_jit(inputs: list, outputs: list) -> int:
@@ -148,21 +149,18 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
         return hook
 
     handles = [block.register_forward_hook(recorder(i)) for i, block in enumerate(blocks)]
-    was_training = model.training
-    model.eval()
     try:
-        analysis = FlopCountAnalysis(wrapper, (example,))
-        analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-        with warnings.catch_warnings():
+        with eval_mode(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            analysis = FlopCountAnalysis(wrapper, (example,))
+            analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = analysis.total()
             by_module = analysis.by_module()
             unsupported = dict(analysis.unsupported_ops())
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     names = {module: name for name, module in wrapper.named_modules()}
     per_block = [BlockFlops(i, *tokens[i], by_module.get(names[block], 0) // batch) for i, block in enumerate(blocks)]
     analytic = analytic_flops(model, [(b.tokens_in, b.tokens_out) for b in per_block], example)

@@ -40,13 +40,16 @@ Example:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from .backends.shared import check_overridable
 from .backends.timm import ReducingBlockForward
 from .patch import patch_config
 from .schedule import default_layers
@@ -171,17 +174,24 @@ class MultiScaleForwardFeatures:
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
         low, low_grid = fusion.low_tokens(images)
         prefix = model.num_prefix_tokens
+        # honour timm's activation checkpointing, as forward_features does
+        checkpointing = model.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+
+        def run(function, *args: Tensor) -> Tensor:
+            return checkpoint(function, *args, use_reentrant=False) if checkpointing else function(*args)
+
         for index, block in enumerate(model.blocks):
             if index == fusion.fuse_at:
                 x = fusion.fuse(x, low, prefix, grid, low_grid)
-            x = block(x)
+            x = run(block, x)
             if index < fusion.fuse_at:
                 if isinstance(block.__dict__.get("forward"), ReducingBlockForward):
                     raise ValueError(
                         f"block {index} reduces tokens but comes before the multi-scale fusion at block "
                         f"{fusion.fuse_at}; fuse before the first reducing block"
                     )
-                low = type(block).forward(block, low)  # the same weights, unpatched; hooks see the high scale
+                # the same weights, unpatched; the block's hooks see the high scale only
+                low = run(partial(type(block).forward, block), low)
         return model.norm(x)
 
 
@@ -209,6 +219,8 @@ def add_multiscale(
         raise TypeError(f"add_multiscale supports timm VisionTransformer models, got {type(model).__name__}")
     if ATTRIBUTE in model._modules:
         raise ValueError("model already has a multi-scale module; remove_multiscale(model) first")
+    if "forward_features" in model.__dict__:
+        raise TypeError("model already has an instance-level forward_features; the multi-scale module would replace it")
     depth = len(model.blocks)
     if fuse_at is None:
         config = patch_config(model)
@@ -233,6 +245,8 @@ def add_multiscale(
         block = model.blocks[index]
         if not isinstance(block, Block) or type(block).forward is not Block.forward:
             raise TypeError(f"block {index} is {type(block).__name__}; multi-scale needs timm's Block")
+        if index < downsample_blocks:
+            check_overridable(block, f"block {index}", ())
     reducing = [layer for layer in (patch_config(model).layers if patch_config(model) else ()) if layer < fuse_at]
     if reducing:
         raise ValueError(f"blocks {reducing} reduce tokens before the fusion at block {fuse_at}")
@@ -254,7 +268,8 @@ def remove_multiscale(model: VisionTransformer) -> VisionTransformer:
     for block in model.blocks:
         if isinstance(block.__dict__.get("forward"), DownsampledAttentionForward):
             del block.__dict__["forward"]
-    model.__dict__.pop("forward_features", None)
+    if isinstance(model.__dict__.get("forward_features"), MultiScaleForwardFeatures):
+        del model.__dict__["forward_features"]
     del model._modules[ATTRIBUTE]
     return model
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .patch import _state, patch, reduction_trace  # noqa: F401  (patch: doctest)
+from .utils import eval_mode
 
 __all__ = ["group_map", "merge_sources", "plot_merge_groups", "show_merges"]
 
@@ -44,15 +45,13 @@ def merge_sources(model: nn.Module, image: Tensor) -> dict[int, Tensor]:
         raise ValueError(f"image must be [C, H, W], got shape {tuple(image.shape)}")
     config = state.config
     state.config = replace(config, trace_source=True)
-    was_training = model.training
     try:
-        model.eval()
-        param = next(model.parameters())
-        model(image[None].to(param.device, param.dtype))
+        with eval_mode(model):
+            param = next(model.parameters())
+            model(image[None].to(param.device, param.dtype))
         trace = reduction_trace(model)
     finally:
         state.config = config
-        model.train(was_training)
     return {layer: record.source[0].cpu() for layer, record in trace.items()}
 
 
@@ -86,10 +85,6 @@ def plot_merge_groups(
     """Draw one panel for the image and one per reducing block: every group of two or more patches that
     merged into one token gets its own colour; kept single patches show the image; dropped patches are
     greyed out. Returns the matplotlib figure (also saved as PNG at ``path``)."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     picture = _display(image)
