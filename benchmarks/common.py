@@ -22,8 +22,9 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def set_threads(threads: int | None) -> int:
-    """Use ``threads`` intra-op threads (default: all cores) and return the number in use."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Use ``threads`` intra-op threads (default: the cores this process may run on) and return the number."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads or available or 1)
     return torch.get_num_threads()
 
 

@@ -7,6 +7,14 @@ import torch
 from tiny_models import FLAVOURS
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Benchmarks called in-process set torch's thread count; give later tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(FLAVOURS))
 def flavour(request: pytest.FixtureRequest) -> str:
     return request.param
