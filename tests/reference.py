@@ -36,7 +36,7 @@ def eager_attention(attn, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor
         logits = logits + bias
     probs = torch.softmax(logits, dim=-1)
     out = (probs @ v).transpose(0, 1).reshape(n, attn.num_heads * attn.head_dim)
-    out = attn.norm(out)
+    out = getattr(attn, "norm", torch.nn.Identity())(out)
     if getattr(attn, "gate", None) is not None:
         out = out * torch.sigmoid(attn.gate(x))
     return attn.proj(out), probs, k

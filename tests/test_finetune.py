@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
-from tiny_models import MNIST_DIR, MNIST_MODEL, TINY, make_model, needs_shared
+from tiny_models import HAS_ATTN_HEAD_DIM, MNIST_DIR, MNIST_MODEL, TINY, make_model, needs_shared
 from torch.utils.data import DataLoader, TensorDataset
 
 import tokenmerge_patch as tm
@@ -338,6 +338,7 @@ def cli_args(tmp_path: Path, out: str, batch_size: int) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.skipif(not HAS_ATTN_HEAD_DIM, reason="the checkpoint format needs timm's attn_head_dim")
 def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     """Two gloo processes with batch 8 each: outputs written once, both ranks end with the same parameters,
     and those match one process with batch 16 (the same images per step, summed in another order)."""
@@ -368,6 +369,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
 
 @needs_shared
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_ATTN_HEAD_DIM, reason="the ../shared model needs timm's attn_head_dim")
 def test_cli_on_the_real_checkpoint(tmp_path: Path) -> None:
     rows = load_cli().main(
         [

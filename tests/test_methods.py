@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from reference import reference_logits
-from tiny_models import make_model
+from tiny_models import make_model, needs_attn_mask
 
 import tokenmerge_patch as tm
 from tokenmerge_patch.reduce import reduce_tokens
@@ -48,6 +48,7 @@ def test_similarities_choose_differently(images: torch.Tensor) -> None:
             assert not torch.allclose(logits, outputs["cosine"]), name
 
 
+@needs_attn_mask
 def test_size_weighted_and_prop_attn_match_reference(images: torch.Tensor) -> None:
     model = make_model("avg_pool")
     for options in (dict(size_weighted=True), dict(prop_attn=True), dict(size_weighted=True, prop_attn=True)):
@@ -58,6 +59,7 @@ def test_size_weighted_and_prop_attn_match_reference(images: torch.Tensor) -> No
         assert not torch.allclose(actual, patched_logits(model, images), atol=1e-4)
 
 
+@needs_attn_mask
 def test_prop_attn_passes_a_float_mask_to_sdpa(images: torch.Tensor) -> None:
     model = make_model("vit")
     tm.patch(model, layers=(1,), keep_rate=0.5, prop_attn=True)

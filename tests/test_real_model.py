@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import MNIST_DIR, MNIST_MODEL, needs_shared
+from tiny_models import HAS_ATTN_HEAD_DIM, MNIST_DIR, MNIST_MODEL, needs_shared
 
 import tokenmerge_patch as tm
 from tokenmerge_patch.checkpoint import load_checkpoint
 from tokenmerge_patch.data import dataset_from_spec
 
-pytestmark = [needs_shared, pytest.mark.slow]
+pytestmark = [
+    needs_shared,
+    pytest.mark.slow,
+    pytest.mark.skipif(not HAS_ATTN_HEAD_DIM, reason="this timm's Attention has no attn_head_dim (the model needs it)"),
+]
 SUBSET = range(2000)  # the full 10k run is benchmarks/accuracy.py
 
 

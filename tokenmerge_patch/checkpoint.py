@@ -20,12 +20,12 @@ that are not model arguments: ``attn_head_dim`` (attention heads wider or narrow
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
 
 NOT_MODEL_KWARGS = ("attn_head_dim", "mean", "std")
@@ -67,20 +67,23 @@ def build_model(config: dict) -> VisionTransformer:
     model = VisionTransformer(**kwargs)
     head_dim = config.get("attn_head_dim")
     if head_dim is not None:
+        accepted = inspect.signature(Attention.__init__).parameters  # older timm lacks scale_norm
+        if "attn_head_dim" not in accepted:
+            raise ValueError("this checkpoint needs attn_head_dim, which this timm's Attention lacks (timm >= 1.0.16)")
         for block in model.blocks:
             old = block.attn
-            block.attn = Attention(
-                model.embed_dim,
+            options = dict(
                 num_heads=old.num_heads,
                 attn_head_dim=int(head_dim),
                 qkv_bias=old.qkv.bias is not None,
                 qk_norm=not isinstance(old.q_norm, nn.Identity),
-                scale_norm=not isinstance(old.norm, nn.Identity),
+                scale_norm=not isinstance(getattr(old, "norm", nn.Identity()), nn.Identity),
                 proj_bias=old.proj.bias is not None,
                 attn_drop=old.attn_drop.p,
                 proj_drop=old.proj_drop.p,
                 norm_layer=type(old.q_norm) if not isinstance(old.q_norm, nn.Identity) else nn.LayerNorm,
             )
+            block.attn = Attention(model.embed_dim, **{k: v for k, v in options.items() if k in accepted})
     return model
 
 

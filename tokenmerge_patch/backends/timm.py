@@ -13,9 +13,10 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from timm.layers import Attention
 from timm.models._features import feature_take_indices
-from timm.models.vision_transformer import Block, VisionTransformer
+
+# timm.models.vision_transformer has had Attention in every 1.0.x (it moved to timm.layers later)
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..reduce import size_weighted_mean
