@@ -16,30 +16,30 @@ import sys
 import time
 from pathlib import Path
 
-import timm
-import torch
-
 import tokenmerge_patch as tm
-from tokenmerge_patch.checkpoint import load_checkpoint
 from tokenmerge_patch.data import dataset_from_spec
 from tokenmerge_patch.evaluation import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, parse_floats, parse_ints, pick_device, set_threads, write_outputs
+from common import (
+    RESULTS,
+    add_model_arguments,
+    load_model,
+    markdown_table,
+    parse_floats,
+    parse_ints,
+    pick_device,
+    resolve_model_arguments,
+    set_threads,
+    write_outputs,
+)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEFAULT_CHECKPOINT = SHARED / "models" / "vit_mnist_tiny"
-DEFAULT_DATA = f"mnist:{SHARED / 'data' / 'mnist'}"
 COLUMNS = ["method", "similarity", "keep rate", "layers", "tokens", "top-1 %", "Δ top-1", "GFLOPs", "note"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, default=None, help="folder with model.safetensors + config.json")
-    source.add_argument("--model", default=None, help="timm model name")
-    parser.add_argument("--pretrained", action="store_true", help="with --model: load timm's weights")
-    parser.add_argument("--data", default=None, help="mnist:DIR | cifar10:FILE.npz | imagefolder:DIR")
+    add_model_arguments(parser, "mnist:DIR | cifar10:FILE.npz | imagefolder:DIR")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--layers", default=None, help="reducing blocks (default: the paper's d//4, d//2, 3d//4)")
     parser.add_argument("--keep-rates", default="0.9,0.7,0.5,0.3")
@@ -56,27 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stem", default="accuracy", help="output file names (default accuracy.*)")
     args = parser.parse_args(argv)
-    if args.checkpoint is None and args.model is None:
-        if not DEFAULT_CHECKPOINT.is_dir():
-            parser.error(f"give --checkpoint or --model (the default {DEFAULT_CHECKPOINT} is not there)")
-        args.checkpoint = DEFAULT_CHECKPOINT
-        args.data = args.data or DEFAULT_DATA
-    if args.data is None:
-        parser.error("--data is needed with --model / --checkpoint")
+    resolve_model_arguments(parser, args)
     args.keep_rates = parse_floats(args.keep_rates)
     args.methods = [m for m in args.methods.split(",") if m]
     args.similarities = [m for m in args.similarities.split(",") if m]
     args.layers = tuple(parse_ints(args.layers)) if args.layers else None
     return args
-
-
-def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, tuple, str]:
-    if args.checkpoint is not None:
-        checkpoint = load_checkpoint(args.checkpoint)
-        return checkpoint.model, checkpoint.mean, checkpoint.std, args.checkpoint.name
-    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
-    config = model.pretrained_cfg
-    return model, tuple(config["mean"]), tuple(config["std"]), args.model
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:

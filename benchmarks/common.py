@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import timm
 import torch
 
+from tokenmerge_patch.checkpoint import hub_reachable, load_checkpoint
+
 RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DEFAULT_CHECKPOINT = SHARED / "models" / "vit_mnist_tiny"
+DEFAULT_DATA = f"mnist:{SHARED / 'data' / 'mnist'}"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """``--checkpoint DIR | --model NAME [--pretrained]`` and ``--data SPEC``."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, default=None, help="folder with model.safetensors + config.json")
+    source.add_argument("--model", default=None, help="timm model name")
+    parser.add_argument("--pretrained", action="store_true", help="with --model: load timm's weights")
+    parser.add_argument("--data", default=None, help=data_help)
+
+
+def resolve_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """With neither ``--checkpoint`` nor ``--model``: the real MNIST ViT of ../shared on its MNIST digits."""
+    if args.checkpoint is None and args.model is None:
+        if not DEFAULT_CHECKPOINT.is_dir():
+            parser.error(f"give --checkpoint or --model (the default {DEFAULT_CHECKPOINT} is not there)")
+        args.checkpoint = DEFAULT_CHECKPOINT
+        args.data = args.data or DEFAULT_DATA
+    if args.data is None:
+        parser.error("--data is needed with --model / --checkpoint")
+    if args.pretrained and not hub_reachable():
+        parser.error("--pretrained needs the model hub, which is not reachable")
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, tuple, str]:
+    """(model in eval mode, input mean, input std, a display name) from the resolved arguments."""
+    if args.checkpoint is not None:
+        checkpoint = load_checkpoint(args.checkpoint)
+        return checkpoint.model, checkpoint.mean, checkpoint.std, args.checkpoint.name
+    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    config = model.pretrained_cfg
+    return model, tuple(config["mean"]), tuple(config["std"]), args.model
 
 
 def pick_device(name: str | None) -> torch.device:

@@ -40,23 +40,28 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import timm
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 import tokenmerge_patch as tm
-from tokenmerge_patch.checkpoint import load_checkpoint
 from tokenmerge_patch.data import dataset_from_spec
 from tokenmerge_patch.finetune import EpochStats, StepInfo, evaluate_loader, finetune
 from tokenmerge_patch.multiscale import add_multiscale
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, parse_ints, pick_device, set_threads, write_outputs
+from common import (
+    RESULTS,
+    add_model_arguments,
+    load_model,
+    markdown_table,
+    parse_ints,
+    pick_device,
+    resolve_model_arguments,
+    set_threads,
+    write_outputs,
+)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEFAULT_CHECKPOINT = SHARED / "models" / "vit_mnist_tiny"
-DEFAULT_DATA = f"mnist:{SHARED / 'data' / 'mnist'}"
 COLUMNS = [
     "stage",
     "epoch",
@@ -90,11 +95,7 @@ def parse_range(text: str | None) -> range | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", type=Path, default=None, help="folder with model.safetensors + config.json")
-    source.add_argument("--model", default=None, help="timm model name")
-    parser.add_argument("--pretrained", action="store_true", help="with --model: load timm's weights")
-    parser.add_argument("--data", default=None, help="training data: mnist:DIR | cifar10:FILE.npz | imagefolder:DIR")
+    add_model_arguments(parser, "training data: mnist:DIR | cifar10:FILE.npz | imagefolder:DIR")
     parser.add_argument("--val-data", default=None, help="validation data (default: split --data)")
     parser.add_argument("--train-range", default=None, help="A:B, indices of --data to train on")
     parser.add_argument("--val-range", default=None, help="A:B, indices of the validation data")
@@ -128,13 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--low-patch-size", type=int, default=None, help="multi-scale: low-scale patch (default 2x)")
     parser.add_argument("--downsample-blocks", type=int, default=0, help="multi-scale: blocks running eq. 6")
     args = parser.parse_args(argv)
-    if args.checkpoint is None and args.model is None:
-        if not DEFAULT_CHECKPOINT.is_dir():
-            parser.error(f"give --checkpoint or --model (the default {DEFAULT_CHECKPOINT} is not there)")
-        args.checkpoint = DEFAULT_CHECKPOINT
-        args.data = args.data or DEFAULT_DATA
-    if args.data is None:
-        parser.error("--data is needed with --model / --checkpoint")
+    resolve_model_arguments(parser, args)
     args.train_range, args.val_range = parse_range(args.train_range), parse_range(args.val_range)
     if args.val_data is None and args.data.startswith("imagefolder:") and args.val_range is None:
         parser.error("an ImageFolder is sorted by class: give --val-data (or explicit --train-range/--val-range)")
@@ -171,15 +166,6 @@ class Shard(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, tuple, str]:
-    if args.checkpoint is not None:
-        checkpoint = load_checkpoint(args.checkpoint)
-        return checkpoint.model, checkpoint.mean, checkpoint.std, args.checkpoint.name
-    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
-    config = model.pretrained_cfg
-    return model, tuple(config["mean"]), tuple(config["std"]), args.model
 
 
 def build_datasets(

@@ -26,9 +26,7 @@ from tokenmerge_patch.data import load_mnist
 from tokenmerge_patch.vis import merge_sources, plot_merge_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from common import RESULTS, SHARED
 
 
 def stack_figures(figures: list, path: Path) -> None:
