@@ -521,6 +521,20 @@ def test_unsupported_layer_or_attention_is_refused(images: Tensor) -> None:
     tm.patch(model, layers=(0,), keep_rate=0.5)  # unaffected layers can still be patched
 
 
+def test_layer_subclasses_that_keep_the_forward_are_accepted(images: Tensor) -> None:
+    class Plain(ViTLayer):  # what FSDP2 makes: transformers re-wraps forward for checkpointing, nothing else
+        pass
+
+    model = make_hf("ViTForImageClassification")
+    with torch.no_grad():
+        tm.patch(model, layers=(1, 2), keep_rate=0.5)
+        expected = model(images).logits
+        tm.unpatch(model)
+        model.vit.layers[1].__class__ = Plain
+        tm.patch(model, layers=(1, 2), keep_rate=0.5)
+        torch.testing.assert_close(model(images).logits, expected)
+
+
 def test_prop_attn_needs_a_float_mask_implementation(images: Tensor) -> None:
     model = make_hf("ViTForImageClassification")
     model.set_attn_implementation("flex_attention")

@@ -99,7 +99,15 @@ def _registry() -> _Registry:
 def _known_base(cls: type, table: dict[type, object]) -> type | None:
     """The class of ``table`` that ``cls`` is (or subclasses without changing its forward), else ``None``."""
     base = next((c for c in cls.__mro__ if c in table), None)
-    return base if base is not None and cls.forward is base.forward else None
+    return base if base is not None and _unwrapped(cls.forward) is _unwrapped(base.forward) else None
+
+
+def _unwrapped(forward: object) -> object:
+    """Peel the activation-checkpointing wrappers transformers puts on every layer subclass's forward (FSDP2
+    makes such subclasses), and nothing else."""
+    while getattr(getattr(forward, "__code__", None), "co_name", "") == "forward_with_checkpointing":
+        forward = forward.__wrapped__
+    return forward
 
 
 def _resolve(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int]:
