@@ -258,8 +258,9 @@ def reduce_tokens(
     scores = class_attention(q, k, scale, attn_bias)  # [B, N]
     keep_index, rest_index = split_crucial(scores[:, num_prefix:], keep)
     prefix, prefix_sizes = x[:, :num_prefix], sizes[:, :num_prefix]
-    kept = gather_tokens(x, keep_index + num_prefix)
-    kept_sizes = sizes[:, num_prefix:].gather(1, keep_index)
+    if method in ("drop", "fuse"):
+        kept = gather_tokens(x, keep_index + num_prefix)
+        kept_sizes = sizes[:, num_prefix:].gather(1, keep_index)
     if method == "drop":
         out, out_sizes = torch.cat([prefix, kept], dim=1), torch.cat([prefix_sizes, kept_sizes], dim=1)
         survivors, landing = keep_index, num_prefix  # the kept patches, in order after the prefix
