@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="DeiT-T/S, keep 0.7/0.5, 7 rounds")
     parser.add_argument("--pretrained", action="store_true", help="load timm weights (needs the network)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for flops.csv/.md/.png")
+    parser.add_argument("--stem", default="flops", help="output file names (default flops.*)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument(
         "--multiscale",
@@ -147,9 +148,9 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device) -
     samples = interleaved_timings(variants, rounds=args.rounds, desc=SHORT.get(name, name))
     configure(model, configs[0], args.layers)
 
-    def paired_ratio(slow: list[float], fast: list[float]) -> float:
-        """Median over rounds of slow / fast: each round's two runs were back to back."""
-        return median([a / b for a, b in zip(slow, fast, strict=True)])
+    def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+        """Median over rounds of numerator / denominator times: each round's runs were back to back."""
+        return median([a / b for a, b in zip(numerator, denominator, strict=True)])
 
     base, base_flops = configs[0], flops[configs[0]].total
     rows = []
@@ -176,7 +177,8 @@ def benchmark_model(name: str, args: argparse.Namespace, device: torch.device) -
         }
         drop = Config("drop", config.rate)
         if config.method == "merge" and config.multiscale is None and drop in samples:
-            row["merge time vs drop %"] = 100 * (paired_ratio(samples[drop], samples[config]) - 1)
+            # time(merge) / time(drop) - 1, per round: positive when merging costs more
+            row["merge time vs drop %"] = 100 * (paired_ratio(samples[config], samples[drop]) - 1)
         rows.append(row)
     detail = next((c for c in configs if c == Config("merge", 0.7)), configs[min(1, len(configs) - 1)])
     text = f"Per-block tokens and GFLOPs, {SHORT.get(name, name)}, {detail.label} at keep {detail.rate}:\n\n"
@@ -256,11 +258,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     formats = {"GFLOPs": "{:.3f}", "paper GFLOPs": "{:.1f}", "FLOPs ↓ %": "{:.1f}", "merge time vs drop %": "{:+.1f}"}
     text = "\n\n".join([markdown_table(rows, COLUMNS, formats), setup, "\n".join(goal_lines(rows)), *details])
     print(text)
-    write_outputs(args.out, "flops", rows, COLUMNS, text)
+    write_outputs(args.out, args.stem, rows, COLUMNS, text)
     if not args.no_plot:
-        plot(rows, args.out / "flops.png")
+        plot(rows, args.out / f"{args.stem}.png")
     print(
-        f"\nwrote {args.out}/flops.csv, flops.md{'' if args.no_plot else ', flops.png'} "
+        f"\nwrote {args.out}/{args.stem}.csv, .md{'' if args.no_plot else ', .png'} "
         f"in {time.perf_counter() - started:.0f} s"
     )
     return rows
