@@ -61,6 +61,20 @@ def test_fused_attention_counts_the_same_as_eager() -> None:
     assert fused == eager == 12 * per_block + 196 * 768 * 384 + 5 * 197 * 384 + 384 * 1000
 
 
+def test_fvcore_alone_misses_fused_attention() -> None:
+    import warnings
+
+    from fvcore.nn import FlopCountAnalysis
+
+    model = timm.create_model("deit_small_patch16_224").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(model, (torch.randn(1, 3, 224, 224),)).unsupported_ops_warnings(False)
+        plain = analysis.tracer_warnings("none").total()
+    assert round(plain / 1e9, 2) == 4.25  # what count_flops' SDPA handle adds back: 12 x 2 N^2 D
+    assert tm.count_flops(model).total - plain == 12 * 2 * 197 * 197 * 384
+
+
 def test_per_block_breakdown_matches_token_counts(flavour: str) -> None:
     model = make_model(flavour)
     tm.patch(model, layers=(1, 2), keep_rate=(0.6, 0.5))

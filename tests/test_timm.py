@@ -358,6 +358,16 @@ def test_forward_intermediates_refuses_grids_after_reduction(images: torch.Tenso
     assert [t.shape[1] for t in tokens] == [64, 64, 32, 32]  # patch tokens (prefix stripped) after each block
 
 
+def test_float16_model_matches_float32(images: torch.Tensor) -> None:
+    model = make_model("vit")
+    tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    with torch.no_grad():
+        full = model(images)
+        half = model.half()(images.half())
+    assert half.dtype == torch.float16 and not half.isnan().any()
+    torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=2e-2)
+
+
 def test_fp16_merge_has_no_nan_when_scores_underflow() -> None:
     from tokenmerge_patch.reduce import reduce_tokens
 
