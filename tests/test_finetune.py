@@ -76,7 +76,8 @@ def test_keep_rate_schedule_as_seen_by_the_model() -> None:
     factors = [0.5 * (1 + math.cos(math.pi * step / 6)) if step < 6 else 0.0 for step in range(10)]
     expected = [tuple(t + (1 - t) * f for t in TARGETS) for f in factors]
     assert len(train) == 10 and train[0] == (1.0, 1.0)
-    assert train == pytest.approx(expected) and train[6:] == [TARGETS] * 4
+    flat = [rate for rates in train for rate in rates]
+    assert flat == pytest.approx([rate for rates in expected for rate in rates]) and train[6:] == [TARGETS] * 4
     assert [rates for training, rates in seen if not training] == [TARGETS] * 10  # validation at the targets
     for rates, counts in zip(train, tokens, strict=True):
         first = tm.kept_count(64, rates[0])
