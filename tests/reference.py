@@ -20,8 +20,12 @@ class Options:
     method: str = "merge"
     similarity: str = "cosine"
     merge_into_cls: bool = False
-    size_weighted: bool = False
-    prop_attn: bool = False
+    size_weighted: bool | None = None  # None: the library's default, on for merge
+    prop_attn: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size_weighted is None:
+            self.size_weighted = self.method == "merge"
 
 
 def eager_attention(attn, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -132,7 +136,8 @@ def reference_logits(
     **options: object,
 ) -> tuple[Tensor, list[list[int]]]:
     """Logits of the patched model computed from an unpatched timm VisionTransformer, plus the token
-    count after every block."""
+    count after every block. Options default as ``patch``'s do (size-weighted merge, proportional attention);
+    ``size_weighted=False, prop_attn=False`` is the paper's literal method."""
     opt = Options(method=method, merge_into_cls=merge_into_cls, **options)
     tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     prefix = model.num_prefix_tokens

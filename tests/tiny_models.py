@@ -67,3 +67,27 @@ needs_attn_mask = pytest.mark.skipif(not HAS_ATTN_MASK, reason="this timm's Bloc
 def make_model(flavour: str, seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
     return _perturb(FLAVOURS[flavour](), seed)
+
+
+def model_snapshot(model: torch.nn.Module) -> tuple:
+    """Everything a failed call must leave as it was: parameters and buffers, which instance attributes each
+    module has (and of which type: a patch's overrides), hooks, train flags, and the patch configuration."""
+    from tokenmerge_patch import patch_config
+
+    modules = {
+        name: (
+            sorted((key, type(value).__name__) for key, value in module.__dict__.items() if not key.startswith("_")),
+            len(module._forward_pre_hooks),
+            len(module._forward_hooks),
+            module.training,
+        )
+        for name, module in model.named_modules()
+    }
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, modules, patch_config(model)
+
+
+def assert_untouched(model: torch.nn.Module, before: tuple) -> None:
+    state, modules, config = model_snapshot(model)
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+    assert modules == before[1]
+    assert config == before[2]

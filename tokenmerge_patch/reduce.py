@@ -42,7 +42,23 @@ def kept_count(num_patches: int, keep_rate: float) -> int:
     >>> kept_count(196, 0.7), kept_count(138, 0.7), kept_count(140, 0.7)
     (138, 97, 98)
     """
-    return max(1, min(num_patches, math.ceil(keep_rate * num_patches - 1e-9)))
+    # int(): under torch.jit.trace (fvcore) a size is a 0-dim tensor, and float32 arithmetic would round
+    # exact ratios such as 15/19 * 19 up to 16
+    num_patches = int(num_patches)
+    return max(1, min(num_patches, math.ceil(float(keep_rate) * num_patches - 1e-9)))
+
+
+def reduced_patch_count(num_patches: int, keep_rate: float, method: str = "merge") -> int:
+    """Patch tokens leaving a reducing block that gets ``num_patches``: the ``kept_count`` crucial tokens, plus
+    the fused token for ``"fuse"``; ``"bipartite"`` merges at most half of them.
+
+    >>> reduced_patch_count(196, 0.7), reduced_patch_count(196, 0.7, "fuse"), reduced_patch_count(196, 0.3, "bipartite")
+    (138, 139, 98)
+    """
+    keep = kept_count(num_patches, keep_rate)
+    if method == "bipartite":
+        keep = max(keep, num_patches - num_patches // 2)
+    return keep + 1 if method == "fuse" and keep < num_patches else keep
 
 
 def class_attention(q: Tensor, k: Tensor, scale: float, attn_bias: Tensor | None = None) -> Tensor:
@@ -88,9 +104,8 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """
     batch, num_tokens, channels = x.shape
     offsets = torch.arange(batch, device=x.device).unsqueeze(1) * num_tokens
-    return (
-        x.reshape(batch * num_tokens, channels).index_select(0, (index + offsets).reshape(-1)).view(batch, -1, channels)
-    )
+    flat = x.reshape(batch * num_tokens, channels).index_select(0, (index + offsets).reshape(-1))
+    return flat.view(batch, index.shape[1], channels)  # explicit sizes: an empty batch has no -1 to infer
 
 
 def cosine_assignment(tokens: Tensor, targets: Tensor) -> Tensor:
@@ -246,9 +261,7 @@ def reduce_tokens(
         sizes = x.new_ones(batch, num_tokens, dtype=torch.float32)
     if trace_source and source is None:
         source = torch.arange(num_prefix, num_tokens, device=x.device).expand(batch, -1)
-    keep = kept_count(num_patches, keep_rate)
-    if method == "bipartite":
-        keep = max(keep, num_patches - num_patches // 2)  # at most half the tokens per step
+    keep = reduced_patch_count(num_patches, keep_rate, "bipartite" if method == "bipartite" else "merge")
     if keep == num_patches:  # nothing to reduce: the block behaves exactly as unpatched
         all_patches = torch.arange(num_patches, device=x.device).expand(batch, -1)
         return Reduced(x, sizes, source, all_patches)

@@ -28,6 +28,9 @@ class Backend(Protocol):
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
         """Install the reduction through ``state.override`` only (so ``unpatch`` can take it all back)."""
 
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of the images the model is built for."""
+
     def tokens_of(self, block_output: object) -> int:
         """Number of tokens in what a block returned."""
 

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..records import record_of, record_sizes, tag
 from ..reduce import size_weighted_mean
-from .shared import OutputTap, check_device, check_overridable, refuse_masks
+from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
@@ -153,67 +154,81 @@ class ReducingLayerForward:
         refuse_masks(self.index, attention_mask, name="attention_mask")
         check_device(hidden_states, getattr(self.layer, self.layout.attention).q_proj.weight)
         layer = self.layer
-        if layer.gradient_checkpointing and layer.training:  # what the class-level forward would have done
+        # what the class-level forward would have done (HF's wrapper also skips checkpointing without grad)
+        if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
             return layer._gradient_checkpointing_func(partial(self.run, **kwargs), hidden_states)
         return self.run(hidden_states, **kwargs)
 
     def run(self, x: Tensor, **kwargs: object) -> Tensor:
-        layer, layout = self.layer, self.layout
+        layer, layout, state = self.layer, self.layout, self.state
         attention = getattr(layer, layout.attention)
-        bias = self.state.attention_bias(self.index, x)
-        for tap in self.taps:
-            tap.arm()
-        y = attention(getattr(layer, layout.norm1)(x), attention_mask=bias, **kwargs)[0]
+        record = state.incoming(self.index, x)
+        bias = state.attention_bias(record, x)
+        normed = getattr(layer, layout.norm1)(x)
+        y, taken = read_taps(self.taps, lambda: attention(normed, attention_mask=bias, **kwargs)[0])
         # [B, N, H * d] -> [B, H, N, d], as the attention itself reshapes them
-        q, k = (
-            t.take(what).unflatten(-1, (-1, attention.head_dim)).transpose(1, 2)
-            for t, what in zip(self.taps, ("queries", "keys"), strict=True)
-        )
+        q, k = (t.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2) for t in taken)
         for name in layout.after_attention:
             y = getattr(layer, name)(y)
-        x = self.state.reduce(self.index, x + y, q, k, getattr(attention, layout.scale), attn_bias=bias)
+        x, record = state.reduce(self.index, x + y, q, k, getattr(attention, layout.scale), record, attn_bias=bias)
         y = getattr(layer, layout.mlp)(getattr(layer, layout.norm2)(x))
         for name in layout.after_mlp:
             y = getattr(layer, name)(y)
-        return x + y
+        if self.index == state.depth - 1:
+            state.publish(record)
+        return tag(x + y, record)
 
     def __repr__(self) -> str:
         return f"ReducingLayerForward(layer={self.index})"
 
 
-class ProportionalLayerForward:
-    """With ``prop_attn``: a layer after a reduction that does not reduce itself runs its own forward with
-    ``log(size)`` as the additive attention mask (sdpa and eager both add a float mask to the logits)."""
+class LaterLayerForward:
+    """A layer after the first reduction that does not reduce itself: runs its own forward (with ``prop_attn``,
+    with ``log(size)`` as the additive attention mask: sdpa and eager both add a float mask to the logits) and
+    passes the tokens' record on to its output."""
 
     def __init__(self, layer: nn.Module, state: TokenMergeState, index: int) -> None:
         self.layer, self.state, self.index = layer, state, index
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
-        refuse_masks(self.index, attention_mask, name="attention_mask")
-        bias = self.state.attention_bias(self.index, hidden_states)
-        return type(self.layer).forward(self.layer, hidden_states, bias, **kwargs)
+        state = self.state
+        record = state.incoming(self.index, hidden_states)
+        bias = state.attention_bias(record, hidden_states)
+        if bias is not None:
+            refuse_masks(self.index, attention_mask, name="attention_mask")
+            attention_mask = bias
+        out = type(self.layer).forward(self.layer, hidden_states, attention_mask, **kwargs)
+        if self.index == state.depth - 1:
+            state.publish(record)
+        if isinstance(out, tuple):  # layers of older layouts return (hidden_states, ...)
+            return (tag(out[0], record), *out[1:])
+        return tag(out, record)
 
     def __repr__(self) -> str:
-        return f"ProportionalLayerForward(layer={self.index})"
+        return f"LaterLayerForward(layer={self.index})"
 
 
 class SizeWeightedPatchMean:
     """Dinov2ForImageClassification feeds its classifier ``cat([cls, patch_tokens.mean(1)])``; after a merge that mean
-    must count each token as the patches it holds. :meth:`keep` replaces ``dinov2.layernorm.forward`` to see the final
-    tokens; ``__call__`` replaces ``classifier.forward`` and swaps in the size-weighted mean."""
+    must count each token as the patches it holds. :meth:`keep` replaces ``dinov2.layernorm.forward`` (keeping the
+    record, as :class:`RecordKeepingNorm`) and hands the final tokens to ``__call__``, which replaces
+    ``classifier.forward`` and swaps in the size-weighted mean. The hand-over is a stack, so a call that re-enters the
+    model between the two (a hook) takes its own tokens, not the outer call's."""
 
     def __init__(self, model: nn.Module, state: TokenMergeState) -> None:
         self.model, self.state = model, state
-        self.tokens: Tensor | None = None
+        self.norm = RecordKeepingNorm(model.dinov2.layernorm, state)
+        self.pending: list[Tensor] = []
 
     def keep(self, x: Tensor) -> Tensor:
-        norm = self.model.dinov2.layernorm
-        self.tokens = type(norm).forward(norm, x)
-        return self.tokens
+        tokens = self.norm(x)
+        # the backbone run alone never reaches the classifier: keep only the newest few
+        self.pending = [*self.pending[-3:], tokens]
+        return tokens
 
     def __call__(self, linear_input: Tensor) -> Tensor:
-        tokens, self.tokens = self.tokens, None  # used once: no stale tokens, no graph kept alive
-        sizes = None if tokens is None else self.state.final_sizes(tokens)
+        tokens = self.pending.pop() if self.pending else None  # used once: no stale tokens, no graph kept alive
+        sizes = None if tokens is None else record_sizes(record_of(tokens))
         if sizes is not None and linear_input.shape == (tokens.shape[0], 2 * tokens.shape[2]):
             start = self.state.num_prefix
             mean = size_weighted_mean(tokens[:, start:], sizes[:, start:])
@@ -222,7 +237,7 @@ class SizeWeightedPatchMean:
         return type(classifier).forward(classifier, linear_input)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "tokens": None}  # per-forward, not part of the model
+        return {**self.__dict__, "pending": []}  # per-forward, not part of the model
 
 
 class HFBackend:
@@ -237,7 +252,10 @@ class HFBackend:
         return _resolve(model)[1]
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
-        _, layers, num_prefix = _resolve(model)
+        backbone, layers, num_prefix = _resolve(model)
+        norm = getattr(backbone, "layernorm", None)
+        if isinstance(norm, nn.Module):
+            check_overridable(norm, "the backbone's layernorm", (RecordKeepingNorm, SizeWeightedPatchMean))
         for index in (*config.layers, *config.proportional_layers(len(layers))):
             layout = _layout(layers[index], index)
             attention = getattr(layers[index], layout.attention)
@@ -245,11 +263,13 @@ class HFBackend:
             if config.prop_attn and implementation not in ("sdpa", "eager"):
                 raise ValueError(
                     f"prop_attn needs attn_implementation 'sdpa' or 'eager' (a float attention mask); layer {index} "
-                    f"uses {implementation!r}: call model.set_attn_implementation('sdpa') first"
+                    f"uses {implementation!r}: call model.set_attn_implementation('sdpa') first, or patch with "
+                    "prop_attn=False"
                 )
-            check_overridable(layers[index], f"layer {index}", (ReducingLayerForward, ProportionalLayerForward))
             for name in ("q_proj", "k_proj"):
                 check_overridable(getattr(attention, name), f"layer {index}'s {name}", (OutputTap,))
+        for index in (*config.layers, *config.later_layers(len(layers))):
+            check_overridable(layers[index], f"layer {index}", (ReducingLayerForward, LaterLayerForward))
         return num_prefix
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
@@ -261,12 +281,20 @@ class HFBackend:
             state.override(layer, "forward", forward)
             for tap in forward.taps:
                 state.override(tap.module, "forward", tap)
-        for index in config.proportional_layers(len(layers)):  # with prop_attn: log(size) masks
-            state.override(layers[index], "forward", ProportionalLayerForward(layers[index], state, index))
+        for index in config.later_layers(len(layers)):  # pass the record on (with prop_attn: log(size) masks)
+            state.override(layers[index], "forward", LaterLayerForward(layers[index], state, index))
         if isinstance(model, _registry().concat_mean):
             pool = SizeWeightedPatchMean(model, state)
             state.override(backbone.layernorm, "forward", pool.keep)
             state.override(model.classifier, "forward", pool)
+        elif isinstance(getattr(backbone, "layernorm", None), nn.Module):  # ViT, DeiT, Dinov2: the sequence's norm
+            state.override(backbone.layernorm, "forward", RecordKeepingNorm(backbone.layernorm, state))
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        config = _resolve(model)[0].config
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return int(config.num_channels), int(height), int(width)
 
     def tokens_of(self, block_output: object) -> int:
         return (block_output[0] if isinstance(block_output, (tuple, list)) else block_output).shape[1]

@@ -3,45 +3,86 @@ forward applies."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
 from torch import Tensor, nn
+
+from ..records import record_of, tag
+
+if TYPE_CHECKING:
+    from ..patch import TokenMergeState
+
+T = TypeVar("T")
 
 
 class OutputTap:
     """Set as the instance ``forward`` of a submodule (timm's ``attn.q_norm``, Hugging Face's ``q_proj``): runs
-    the module's own forward and, while armed, keeps its output for the reducing block.
+    the module's own forward and, while a reducing block has armed it, keeps its output for that block.
 
     Installed once at patch time (no hook is registered per forward, so ``torch.compile`` sees a plain
-    graph) and taken back by ``unpatch``; only armed during the reducing block's own attention call.
+    graph) and taken back by ``unpatch``. Each arming opens its own slot, so a call that re-enters the model
+    from inside the attention (a hook) arms, fills and releases a slot above the outer call's, never the
+    outer call's own.
     """
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.armed = False
-        self.output: Tensor | None = None
+        self.slots: list[Tensor | None] = []
 
     def __call__(self, *args: object, **kwargs: object) -> Tensor:
         output = type(self.module).forward(self.module, *args, **kwargs)
-        if self.armed:
-            self.output = output
+        if self.slots:
+            self.slots[-1] = output
         return output
 
-    def arm(self) -> None:
-        self.armed, self.output = True, None
+    def arm(self) -> int:
+        self.slots.append(None)
+        return len(self.slots) - 1
 
-    def take(self, what: str) -> Tensor:
-        output, self.output, self.armed = self.output, None, False
-        if output is None:
-            raise RuntimeError(
-                f"tokenmerge_patch could not read the {what} of this attention: the submodule it reads them from "
-                "was not called. This attention implementation is not supported."
-            )
+    def release(self, slot: int) -> Tensor | None:
+        """What the module returned since :meth:`arm` gave ``slot`` (``None`` if it was not called); closes the
+        slot and any a failed inner call left above it."""
+        output = self.slots[slot] if slot < len(self.slots) else None
+        del self.slots[slot:]
         return output
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "armed": False, "output": None}
+        return {**self.__dict__, "slots": []}
 
     def __repr__(self) -> str:
         return f"OutputTap({type(self.module).__name__})"
+
+
+def read_taps(taps: tuple[OutputTap, ...], run: Callable[[], T]) -> tuple[T, list[Tensor]]:
+    """Run ``run()`` (a block's attention) with ``taps`` armed and return its result and what each tap saw.
+    The taps are released however ``run`` ends, so an exception leaves no tensor (or autograd graph) behind."""
+    slots = [tap.arm() for tap in taps]
+    try:
+        result = run()
+    finally:
+        seen = [tap.release(slot) for tap, slot in zip(taps, slots, strict=True)]
+    if any(output is None for output in seen):
+        raise RuntimeError(
+            "tokenmerge_patch could not read the queries and keys of this attention: the submodule it reads them "
+            "from was not called. This attention implementation is not supported."
+        )
+    return result, seen
+
+
+class RecordKeepingNorm:
+    """Replaces the forward of the norm after the last block (timm ``model.norm``, HF ``layernorm``): its output
+    keeps the tokens' record (the pool and ``forward_head`` read it), and the trace of the forward that got here
+    becomes :func:`reduction_trace`."""
+
+    def __init__(self, norm: nn.Module, state: TokenMergeState) -> None:
+        self.norm = norm
+        self.state = state
+
+    def __call__(self, x: Tensor) -> Tensor:
+        record = record_of(x)
+        self.state.publish(record)
+        return tag(type(self.norm).forward(self.norm, x), record)
 
 
 def refuse_masks(layer: int, mask: Tensor | None, is_causal: bool = False, name: str = "attn_mask") -> None:
@@ -65,7 +106,7 @@ def check_device(x: Tensor, weight: Tensor) -> None:
 def check_overridable(module: nn.Module, where: str, own: tuple[type, ...]) -> None:
     """Refuse to replace an instance-level ``forward`` someone else set (a wrapper, accelerate's hooks)."""
     current = module.__dict__.get("forward")
-    if current is not None and not isinstance(current, own):
+    if current is not None and not isinstance(getattr(current, "__self__", current), own):  # own methods too
         raise TypeError(
             f"{where} already has an instance-level forward ({current!r}, e.g. a wrapper or an offloading hook); "
             "tokenmerge_patch would bypass it. Remove it before patching."

@@ -19,8 +19,9 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
+from ..records import record_of, record_sizes, tag
 from ..reduce import size_weighted_mean
-from .shared import OutputTap, check_device, check_overridable, refuse_masks
+from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
@@ -39,38 +40,49 @@ class ReducingBlockForward:
 
     def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         refuse_masks(self.layer, attn_mask, is_causal)
-        block = self.block
+        block, state = self.block, self.state
         attn = block.attn
         check_device(x, attn.qkv.weight)
-        bias = self.state.attention_bias(self.layer, x)
-        for tap in self.taps:
-            tap.arm()
-        y = attn(block.norm1(x)) if bias is None else attn(block.norm1(x), attn_mask=bias)
-        q, k = self.taps[0].take("queries"), self.taps[1].take("keys")
+        record = state.incoming(self.layer, x)
+        bias = state.attention_bias(record, x)
+        normed = block.norm1(x)
+        y, (q, k) = read_taps(self.taps, lambda: attn(normed) if bias is None else attn(normed, attn_mask=bias))
         x = x + block.drop_path1(block.ls1(y))
-        x = self.state.reduce(self.layer, x, q, k, attn.scale, attn_bias=bias)
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x, record = state.reduce(self.layer, x, q, k, attn.scale, record, attn_bias=bias)
+        out = tag(x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record)
+        if self.layer == state.depth - 1:
+            state.publish(record)
+        return out
 
     def __repr__(self) -> str:
         return f"ReducingBlockForward(layer={self.layer})"
 
 
-class ProportionalBlockForward:
-    """With ``prop_attn``: a block after a reduction that does not reduce itself runs its own forward with
-    ``log(size)`` as the attention's float mask."""
+class LaterBlockForward:
+    """A block after the first reduction that does not reduce itself: runs its own forward (with ``prop_attn``,
+    with ``log(size)`` as the attention's float mask) and passes the tokens' record on to its output."""
 
-    def __init__(self, block: Block, state: TokenMergeState, layer: int) -> None:
+    def __init__(self, block: nn.Module, state: TokenMergeState, layer: int) -> None:
         self.block = block
         self.state = state
         self.layer = layer
 
-    def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        refuse_masks(self.layer, attn_mask, is_causal)
-        check_device(x, self.block.attn.qkv.weight)
-        return type(self.block).forward(self.block, x, attn_mask=self.state.attention_bias(self.layer, x))
+    def __call__(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        block, state = self.block, self.state
+        record = state.incoming(self.layer, x)
+        bias = state.attention_bias(record, x)
+        if bias is None:
+            out = type(block).forward(block, x, *args, **kwargs)
+        else:
+            refuse_masks(self.layer, args[0] if args else kwargs.get("attn_mask"), bool(kwargs.get("is_causal")))
+            check_device(x, block.attn.qkv.weight)
+            out = type(block).forward(block, x, attn_mask=bias)
+        if self.layer == state.depth - 1:
+            state.publish(record)
+        return tag(out, record)
 
     def __repr__(self) -> str:
-        return f"ProportionalBlockForward(layer={self.layer})"
+        return f"LaterBlockForward(layer={self.layer})"
 
 
 class GridCheckedIntermediates:
@@ -99,8 +111,9 @@ class GridCheckedIntermediates:
 
 
 class SizeWeightedPool:
-    """Replaces ``VisionTransformer.pool``: averaging pools count each token as the patches it holds,
-    so ``global_pool='avg'`` still averages over the image's patches after a merge."""
+    """Replaces ``VisionTransformer.pool``: averaging pools count each token as the patches it holds (read from
+    the record its tokens carry), so ``global_pool='avg'`` still averages over the image's patches after a
+    merge, and ``forward_head(features)`` pools ``features`` with their own sizes whatever ran since."""
 
     def __init__(self, model: VisionTransformer, state: TokenMergeState) -> None:
         self.model = model
@@ -109,13 +122,30 @@ class SizeWeightedPool:
     def __call__(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         model = self.model
         pool_type = model.global_pool if pool_type is None else pool_type
-        sizes = self.state.final_sizes(x)
-        if sizes is None or model.attn_pool is not None or pool_type not in ("avg", "avgmax"):
+        if model.attn_pool is not None or pool_type not in ("avg", "avgmax"):
+            return type(model).pool(model, x, pool_type)
+        sizes = record_sizes(record_of(x))
+        if sizes is None:
+            self._refuse_if_reduced(x)
             return type(model).pool(model, x, pool_type)
         start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
         tokens, sizes = x[:, start:], sizes[:, start:]
         mean = size_weighted_mean(tokens, sizes)
         return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
+
+    def _refuse_if_reduced(self, x: Tensor) -> None:
+        """Tokens fewer than the patch grid but without a record: their merge sizes were lost (a copy,
+        ``.detach()``, ``.to()``), and a plain mean would silently weigh merged tokens as single patches."""
+        model = self.model
+        if getattr(model, "dynamic_img_size", False):
+            return  # the grid depends on the input size: a short sequence may be a small image
+        full = model.patch_embed.num_patches + model.num_prefix_tokens
+        if x.shape[1] < full:
+            raise ValueError(
+                f"pooling {x.shape[1]} tokens (the unreduced model has {full}) without their merge sizes: pass "
+                "forward_head the tensor forward_features returned itself (a copy such as .detach(), .clone() or "
+                ".to() drops the sizes it carries), or use global_pool='token'"
+            )
 
 
 class TimmBackend:
@@ -149,9 +179,11 @@ class TimmBackend:
                     f"block {layer}'s attention is {type(attn).__name__}; tokenmerge_patch supports "
                     "timm.layers.Attention (and subclasses that keep its forward)"
                 )
-            check_overridable(block, f"block {layer}", OWN_FORWARDS)
             for name in ("q_norm", "k_norm"):
                 check_overridable(getattr(attn, name), f"block {layer}'s attn.{name}", (OutputTap,))
+        for layer in (*config.layers, *config.later_layers(len(model.blocks))):
+            check_overridable(model.blocks[layer], f"block {layer}", OWN_FORWARDS)
+        check_overridable(model.norm, "model.norm", (RecordKeepingNorm,))
         return int(model.num_prefix_tokens)
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
@@ -162,12 +194,17 @@ class TimmBackend:
             state.override(block, "forward", forward)
             state.override(block.attn.q_norm, "forward", forward.taps[0])
             state.override(block.attn.k_norm, "forward", forward.taps[1])
-        for layer in config.proportional_layers(len(model.blocks)):  # with prop_attn: log(size) masks
+        for layer in config.later_layers(len(model.blocks)):  # pass the record on (with prop_attn: log(size) masks)
             block = model.blocks[layer]
-            state.override(block, "forward", ProportionalBlockForward(block, state, layer))
+            state.override(block, "forward", LaterBlockForward(block, state, layer))
+        state.override(model.norm, "forward", RecordKeepingNorm(model.norm, state))
         state.override(model, "pool", SizeWeightedPool(model, state))
         if hasattr(type(model), "forward_intermediates"):
             state.override(model, "forward_intermediates", GridCheckedIntermediates(model, state))
+
+    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
+        embed = model.patch_embed
+        return (int(embed.proj.in_channels), *(int(v) for v in embed.img_size))
 
     def tokens_of(self, block_output: object) -> int:
         return block_output.shape[1]
@@ -176,5 +213,5 @@ class TimmBackend:
         return block.attn, block.mlp, block.attn.num_heads * block.attn.head_dim
 
 
-OWN_FORWARDS = (ReducingBlockForward, ProportionalBlockForward)
+OWN_FORWARDS = (ReducingBlockForward, LaterBlockForward)
 BACKEND = TimmBackend()

@@ -1,0 +1,59 @@
+"""Per-forward bookkeeping that travels with the tokens.
+
+The record of one forward is an attribute of the token tensor itself: a block, the pool or an unmerge reads
+the record of the very tensor it is given, so a re-entrant call, a second forward before ``forward_head`` or
+a recomputation under activation checkpointing never reads another forward's sizes. It is a plain tuple of
+tensors and ints, so ``torch.save`` of a tagged tensor still loads with ``weights_only=True``::
+
+    (sizes [B, N] float32, source [B, N0] long | None, reduced: bool, trace: ((layer, in, out, sizes, source), ...))
+
+>>> import torch
+>>> x = tag(torch.zeros(1, 3, 4), (torch.tensor([[1.0, 2.0, 1.0]]), None, True, ()))
+>>> record_sizes(record_of(x)), record_of(x.clone())
+(tensor([[1., 2., 1.]]), None)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+TAG = "_tokenmerge_record"
+TokenRecord = tuple
+
+
+@dataclass
+class LayerRecord:
+    """What one reducing block did in a forward (all tensors detached).
+
+    Attributes:
+        tokens_in: tokens entering the block (prefix included).
+        tokens_out: tokens leaving it.
+        sizes: ``[B, tokens_out]`` how many original tokens each output token holds.
+        source: ``[B, N0]`` for each original patch, the index of the output token holding it (-1 if
+            dropped); ``None`` unless patched with ``trace_source=True``.
+    """
+
+    tokens_in: int
+    tokens_out: int
+    sizes: Tensor
+    source: Tensor | None
+
+
+def record_of(x: Tensor) -> TokenRecord | None:
+    """The record travelling with the tokens ``x`` (``None`` if they carry none)."""
+    record = getattr(x, TAG, None)
+    return record if isinstance(record, tuple) and len(record) == 4 else None
+
+
+def tag(x: Tensor, record: TokenRecord | None) -> Tensor:
+    """Attach ``record`` to ``x`` (a fresh tensor a block or norm returned) and return ``x``."""
+    if record is not None:
+        setattr(x, TAG, record)
+    return x
+
+
+def record_sizes(record: TokenRecord | None) -> Tensor | None:
+    """How many patches each token holds, ``None`` when no block removed a token (every token is one patch)."""
+    return None if record is None or not record[2] else record[0]
