@@ -11,6 +11,7 @@ torch.Size([2, 1000])
 >>> _ = tokenmerge_patch.unpatch(model)
 """
 
+from .calibration import calibrate
 from .finetune import EpochStats, StepInfo, finetune
 from .flops import FlopReport, count_flops
 from .patch import (
@@ -34,6 +35,7 @@ __all__ = [
     "LayerRecord",
     "PatchConfig",
     "StepInfo",
+    "calibrate",
     "count_flops",
     "default_layers",
     "finetune",

@@ -1,0 +1,448 @@
+"""Calibration: search a plan that keeps a pretrained model's own predictions, on a few unlabelled images.
+
+``calibrate(model, images, flops=0.65)`` returns a :class:`~tokenmerge_patch.PatchConfig` whose FLOPs (as
+:func:`~tokenmerge_patch.count_flops` counts them at the model's input size) land in ``[f - 0.01, f]`` of the
+unpatched model's and whose outputs stay closest to the unpatched model's: the mean KL divergence of the patched
+logits from the unpatched ones (no labels; for a model without a classifier, one minus the cosine similarity of
+its output embedding). Apply it with ``patch(model, config=plan)``; it is data (``plan.to_dict()``).
+
+The search (deterministic; a fixed number of block evaluations, no clock):
+
+1. *Family scan*: for start blocks around ``depth // 4`` and two depth profiles, the schedule "every block from the
+   start keeps the same share of its tokens (or a share falling with depth), the last block keeps one token"
+   solved to the budget; the one with the lowest divergence is the starting point. (With a class-token head the
+   last block's patch tokens feed nothing after it, so they cost FLOPs and no accuracy.)
+2. *Budget moves*: for each block, the divergence of keeping a little more and of keeping a little less; the
+   blocks where more tokens buy most and where fewer cost least trade FLOPs (the cheaper block re-solved to
+   stay inside the budget) while the divergence falls; the step halves when no trade helps.
+3. Whether the size-weighted merge helps this plan (off or on, the lower divergence wins).
+
+Every evaluation reruns only the blocks a candidate changes: the unpatched model's block inputs are cached once,
+and so are the current best plan's (their merge records travel with them), so a candidate that first differs from
+it at block ``j`` runs blocks ``j`` onwards. DeiT-T, 256 images: about 3 minutes on 2 CPU cores.
+
+>>> import timm, torch, tokenmerge_patch as tm
+>>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=6).eval()
+>>> plan = tm.calibrate(model, torch.randn(8, 3, 64, 64), flops=0.7, progress=False, max_block_runs=40)
+>>> full = tm.count_flops(model, (3, 64, 64)).total  # calibrate left the model unpatched
+>>> 0.69 <= tm.count_flops(tm.patch(model, config=plan), (3, 64, 64)).total / full <= 0.7
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from numbers import Integral
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .backends import find_backend
+from .budget import TOLERANCE, FlopModel, flop_model, token_counts_for
+from .evaluation import parse_batch
+from .flops import count_flops
+from .plan import PatchConfig, check_fraction
+from .utils import eval_mode
+
+TINY = 1e-3  # a keep rate that leaves one patch token
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan in the search's own terms: one keep rate per block (1.0: the block does not reduce)."""
+
+    rates: tuple[float, ...]
+    size_weighted: bool
+
+    @property
+    def first(self) -> int:
+        return next((i for i, rate in enumerate(self.rates) if rate < 1.0), len(self.rates))
+
+    def config(self, base: PatchConfig) -> PatchConfig:
+        layers = tuple(i for i, rate in enumerate(self.rates) if rate < 1.0)
+        size_weighted = self.size_weighted and base.method == "merge"
+        return replace(
+            base, layers=layers, keep_rates=tuple(self.rates[i] for i in layers), size_weighted=size_weighted
+        )
+
+
+def shaped_rates(depth: int, start: int, cut: float, slope: float = 0.0) -> tuple[float, ...]:
+    """Keep rate ``1 - cut * w(t)`` in blocks ``start .. depth - 2``, with ``w(t) = (1 + slope t) / (1 + slope / 2)``
+    and ``t`` going from 0 to 1 over those blocks (``slope = 0``: one rate for all); the last block keeps one token.
+
+    >>> shaped_rates(5, 2, 0.2)
+    (1.0, 1.0, 0.8, 0.8, 0.001)
+    """
+    rates = [1.0] * depth
+    span = depth - 1 - start
+    for block in range(start, depth - 1):
+        t = (block - start) / max(span - 1, 1)
+        rates[block] = min(1.0, max(TINY, 1.0 - cut * (1.0 + slope * t) / (1.0 + slope / 2.0)))
+    rates[depth - 1] = TINY
+    return tuple(rates)
+
+
+def solve_scalar(make: Callable[[float], tuple[float, ...]], fraction: Callable, aim: float, low: float, high: float):
+    """Bisection on the scalar of ``make`` (FLOPs fall as it grows): the smallest value whose plan's FLOPs fraction
+    is at most ``aim``; ``None`` if even ``make(high)`` is above it."""
+    if fraction(make(low)) <= aim:
+        return make(low)
+    if fraction(make(high)) > aim:
+        return None
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (low, middle) if fraction(make(middle)) <= aim else (middle, high)
+    return make(high)
+
+
+class _Runner:
+    """Evaluates candidates on the calibration images, rerunning only the blocks a candidate changes."""
+
+    def __init__(self, model: nn.Module, images: Tensor, batch_size: int, base: PatchConfig, progress: bool) -> None:
+        from .patch import _install, unpatch
+
+        self.model, self.base = model, base
+        self.backend = find_backend(model)
+        self.blocks = list(self.backend.blocks(model))
+        self._install, self._unpatch = _install, unpatch
+        self.chunks = list(images.split(batch_size))
+        self.count = len(images)
+        self.block_runs = 0.0
+        unpatch(model)
+        self.targets: list[Tensor] = []
+        self.base_inputs: list[list[Tensor]] = []  # [chunk][block]
+        for chunk in tqdm(self.chunks, desc="calibrate: unpatched model", disable=not progress, leave=False):
+            inputs, output = self._run_capturing(chunk)
+            self.base_inputs.append(inputs)
+            self.targets.append(output)
+        self.anchor: Candidate | None = None
+        self.anchor_inputs: list[list[Tensor]] = []
+
+    # -- running ------------------------------------------------------------------------------------
+    def _target(self, output: object) -> Tensor:
+        """What is compared: log-probabilities of the logits, or the unit-norm output embedding."""
+        vector = _output_vector(output).float()
+        return vector.log_softmax(-1) if self.has_logits else F.normalize(vector.flatten(1), dim=-1)
+
+    def _run_capturing(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        inputs: list[Tensor] = []
+        handles = [b.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for b in self.blocks]
+        try:
+            output = self.model(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.has_logits = _has_logits(output)
+        return inputs, self._target(output)
+
+    def _run_from(self, start: int, images: Tensor, entering: Tensor) -> Tensor:
+        """The model's output with blocks ``< start`` skipped: block ``start`` gets ``entering`` (cached)."""
+        saved = [block.__dict__.get("forward") for block in self.blocks[:start]]
+        for block in self.blocks[:start]:
+            block.__dict__["forward"] = lambda *args, **kwargs: entering
+        try:
+            return self._target(self.model(images))
+        finally:
+            for block, forward in zip(self.blocks[:start], saved, strict=True):
+                if forward is None:
+                    del block.__dict__["forward"]
+                else:
+                    block.__dict__["forward"] = forward
+
+    def _apply(self, candidate: Candidate) -> None:
+        config = candidate.config(self.base)
+        if config.layers:
+            self._install(self.model, self.backend, config, self.backend.check(self.model, config))
+        else:
+            self._unpatch(self.model)
+
+    def _divergence(self, chunk: int, output: Tensor) -> float:
+        target = self.targets[chunk]
+        if self.has_logits:  # KL(unpatched || patched), summed over the chunk
+            return float((target.exp() * (target - output)).sum())
+        return float((1 - (target * output).sum(-1)).sum())
+
+    def evaluate(self, candidate: Candidate) -> float:
+        """Mean divergence of ``candidate`` from the unpatched model."""
+        start, inputs = candidate.first, None
+        anchor = self.anchor
+        if anchor is not None and anchor.size_weighted == candidate.size_weighted:
+            differs = next((i for i, (a, b) in enumerate(zip(anchor.rates, candidate.rates)) if a != b), None)
+            if differs is None:
+                differs = len(candidate.rates) - 1
+            if differs > anchor.first:
+                start, inputs = differs, self.anchor_inputs
+        inputs = inputs or self.base_inputs
+        self._apply(candidate)
+        total = 0.0
+        for index, chunk in enumerate(self.chunks):
+            total += self._divergence(index, self._run_from(start, chunk, inputs[index][start]))
+        self.block_runs += len(self.blocks) - start
+        return total / self.count
+
+    def set_anchor(self, candidate: Candidate) -> float:
+        """Run ``candidate`` fully, caching every block's input (with the records they carry)."""
+        self._apply(candidate)
+        total, self.anchor_inputs = 0.0, []
+        for index, chunk in enumerate(self.chunks):
+            inputs, output = self._run_capturing(chunk)
+            self.anchor_inputs.append(inputs)
+            total += self._divergence(index, output)
+        self.anchor = candidate
+        self.block_runs += len(self.blocks)
+        return total / self.count
+
+
+def _output_vector(output: object) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0] if len(output) == 1 or not isinstance(output[1], Tensor) else (output[0] + output[1]) / 2
+    for key in ("logits", "image_embeds", "pooler_output"):
+        value = getattr(output, key, None)
+        if isinstance(value, Tensor):
+            return value
+    hidden = getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, Tensor):
+        return hidden[:, 0]
+    raise TypeError(f"cannot calibrate a model returning {type(output).__name__}: expected logits or an embedding")
+
+
+def _has_logits(output: object) -> bool:
+    return isinstance(output, (Tensor, tuple, list)) or isinstance(getattr(output, "logits", None), Tensor)
+
+
+def collect_images(data: object, limit: int, input_size: Sequence[int]) -> Tensor:
+    """The first ``limit`` images of ``data`` (a tensor ``[N, C, H, W]``, or an iterable of such batches or of
+    ``(images, labels)``/dict batches, labels ignored) as one float tensor; clear errors for anything else."""
+    if isinstance(data, Tensor):
+        batches: Iterable = [data]
+    elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be a float tensor [N, C, H, W] or an iterable of such batches (or of (images, labels)), "
+            f"got {type(data).__name__}"
+        )
+    else:
+        batches = data
+    taken: list[Tensor] = []
+    count = 0
+    for batch in batches:
+        images = parse_batch(batch, "data").images
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(
+                f"data images must be normalised float tensors [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
+        if tuple(images.shape[1:]) != tuple(input_size):
+            raise ValueError(
+                f"data images are {tuple(images.shape[1:])} but the model takes {tuple(input_size)} (C, H, W): "
+                "calibrate on images the model will see"
+            )
+        taken.append(images[: limit - count])
+        count += len(taken[-1])
+        if count >= limit:
+            break
+    if count == 0:
+        raise ValueError("data holds no images: calibrate needs a few (e.g. 256) unlabelled images")
+    return torch.cat(taken)
+
+
+@torch.inference_mode()
+def calibrate(
+    model: nn.Module,
+    data: Tensor | Iterable,
+    *,
+    flops: float,
+    images: int = 256,
+    batch_size: int = 64,
+    method: str = "merge",
+    prop_attn: bool = True,
+    max_block_runs: int | None = None,
+    progress: bool = True,
+) -> PatchConfig:
+    """Search the blocks and keep rates that preserve ``model``'s own predictions within a FLOPs budget.
+
+    Args:
+        model: a supported timm or Hugging Face ViT (patched or not; it is left exactly as it was).
+        data: unlabelled images, normalised as the model expects: a float tensor ``[N, C, H, W]``, or an iterable
+            of such batches, of ``(images, labels)`` or of ``{"pixel_values": ...}`` dicts (labels are ignored).
+        flops: the budget, a fraction in (0, 1) of the unpatched model's FLOPs (``count_flops`` at the model's
+            input size); the plan's count lands in ``[flops - 0.01, flops]``.
+        images: how many images of ``data`` to use (the first ones).
+        batch_size: images per forward.
+        method: the reduction (``"merge"``, the default, is what the search is tuned for).
+        prop_attn: proportional attention after merges (recommended).
+        max_block_runs: the search's budget, in block evaluations of all the calibration images (default: 50
+            full forwards' worth); the result depends on it but on nothing else (no clock).
+        progress: show progress bars.
+
+    Returns:
+        The plan: ``patch(model, config=plan)`` applies it.
+
+    Raises:
+        TypeError / ValueError: bad ``model``, ``data`` (empty, wrong shape or dtype), ``flops`` or options; an
+            unreachable budget. The model is left as it was.
+    """
+    from .patch import _validated_config, _with_previous_patch_restored
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    backend = find_backend(model)
+    depth = len(backend.blocks(model))
+    fraction = check_fraction(flops, "flops")
+    for name, value in (("images", images), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if max_block_runs is not None and (
+        isinstance(max_block_runs, bool) or not isinstance(max_block_runs, Integral) or max_block_runs < 1
+    ):
+        raise ValueError(f"max_block_runs must be an int >= 1 or None, got {max_block_runs!r}")
+    base = _validated_config(depth, None, 0.7, method, "cosine", False, None, prop_attn, False, 0)
+    backend.check(model, replace(base, layers=tuple(range(depth)), keep_rates=(1.0,) * depth))
+    if depth < 3:
+        raise ValueError(f"calibrate needs a model with at least 3 blocks, this one has {depth}")
+    input_size = backend.input_size(model)
+    calibration = collect_images(data, int(images), input_size)
+    param = next(model.parameters(), None)
+    if param is not None:
+        calibration = calibration.to(param.device, param.dtype)
+    budget = int(max_block_runs) if max_block_runs is not None else 50 * depth
+
+    def search() -> PatchConfig:
+        with eval_mode(model):
+            return _search(model, calibration, int(batch_size), base, fraction, input_size, budget, progress)
+
+    return _with_previous_patch_restored(model, backend, search)
+
+
+def _search(
+    model: nn.Module,
+    images: Tensor,
+    batch_size: int,
+    base: PatchConfig,
+    fraction: float,
+    input_size: Sequence[int],
+    budget: int,
+    progress: bool,
+) -> PatchConfig:
+    from .patch import unpatch
+
+    unpatch(model)
+    backend = find_backend(model)
+    depth = len(backend.blocks(model))
+    num_prefix = backend.check(model, replace(base, layers=(0,), keep_rates=(1.0,)))
+    flops_of = flop_model(model, input_size, num_prefix)
+    aim = fraction - TOLERANCE / 2
+
+    def share(rates: Sequence[float]) -> float:
+        return _fraction(flops_of, depth, num_prefix, rates, base.method)
+
+    runner = _Runner(model, images, batch_size, base, progress)
+    bar = tqdm(total=budget, desc=f"calibrate to {fraction:.0%} of the FLOPs", disable=not progress, leave=False)
+
+    def spent() -> bool:
+        bar.n = min(budget, round(runner.block_runs))
+        bar.refresh()
+        return runner.block_runs >= budget
+
+    # 1. family scan
+    quarter = max(1, depth // 4)
+    best: tuple[float, Candidate] | None = None
+    for start in sorted({max(1, quarter - 1), quarter, min(depth - 2, quarter + 1)}):
+        for slope in (0.0, 1.5):
+            rates = solve_scalar(lambda cut: shaped_rates(depth, start, cut, slope), share, aim, 0.0, 1.0)
+            if rates is None:
+                continue
+            candidate = Candidate(rates, base.size_weighted)
+            divergence = runner.evaluate(candidate)
+            if best is None or divergence < best[0]:
+                best = (divergence, candidate)
+    if best is None:
+        raise ValueError(f"flops={fraction}: below what reducing every block can reach for this model")
+    _, plan = best
+    score = runner.set_anchor(plan)
+    spent()
+
+    # 2. budget moves
+    step, min_step = 0.04, 0.01
+    while step >= min_step and not spent():
+        rates = list(plan.rates)
+        now = share(rates)
+        gain: dict[int, float] = {}  # divergence saved per FLOP spent, by keeping more in a block
+        cost: dict[int, float] = {}  # divergence added per FLOP saved, by keeping less
+        for block in range(max(0, plan.first - 1), depth - 1):
+            if rates[block] < 1.0:
+                looser = _with_rate(rates, block, rates[block] + step)
+                extra = share(looser) - now
+                if extra > 0:
+                    gain[block] = (score - runner.evaluate(replace(plan, rates=looser))) / extra
+            if rates[block] - step > TINY:
+                tighter = _with_rate(rates, block, rates[block] - step)
+                saved = now - share(tighter)
+                if saved > 0:
+                    cost[block] = (runner.evaluate(replace(plan, rates=tighter)) - score) / saved
+            if spent():
+                break
+        loosen = sorted(gain, key=lambda b: -gain[b])[:3]
+        tighten = sorted(cost, key=lambda b: cost[b])[:3]
+        pairs = sorted(((a, b) for a in loosen for b in tighten if a != b), key=lambda p: cost[p[1]] - gain[p[0]])
+        accepted = False
+        for a, b in pairs[:4]:
+            if cost[b] >= gain[a] or spent():
+                break
+            looser = _with_rate(rates, a, rates[a] + step)
+            moved = solve_scalar(lambda c: _with_rate(looser, b, rates[b] - c), share, aim, 0.0, rates[b] - TINY)
+            if moved is None:
+                continue
+            candidate = replace(plan, rates=moved)
+            divergence = runner.evaluate(candidate)
+            if divergence < score:
+                plan, accepted = candidate, True
+                score = runner.set_anchor(plan)
+                break
+        if not accepted:
+            step /= 2
+
+    # 3. size weighting on or off
+    if base.method == "merge":
+        other = replace(plan, size_weighted=not plan.size_weighted)
+        if runner.evaluate(other) < score:
+            plan = other
+    bar.close()
+    return _fit_budget(model, plan.config(base), fraction, input_size, flops_of.total)
+
+
+def _with_rate(rates: Sequence[float], block: int, rate: float) -> tuple[float, ...]:
+    out = list(rates)
+    out[block] = min(1.0, max(TINY, rate))
+    return tuple(out)
+
+
+def _fraction(flops_of: FlopModel, depth: int, num_prefix: int, rates: Sequence[float], method: str) -> float:
+    layers = tuple(i for i, rate in enumerate(rates) if rate < 1.0)
+    counts = token_counts_for(flops_of.num_tokens, num_prefix, depth, layers, [rates[i] for i in layers], method)
+    return flops_of(counts, method) / flops_of.total
+
+
+def _fit_budget(model: nn.Module, plan: PatchConfig, fraction: float, input_size: Sequence[int], total: int):
+    """Check the plan with ``count_flops``; if the estimate missed the window, move the deepest reducing block
+    before the last (the cheapest to change) until it lands."""
+    from .patch import _install
+
+    backend = find_backend(model)
+    for _ in range(8):
+        _install(model, backend, plan, backend.check(model, plan))
+        measured = count_flops(model, input_size).total / total
+        if fraction - TOLERANCE <= measured <= fraction:
+            return plan
+        if len(plan.layers) < 2:
+            break
+        index = len(plan.layers) - 2
+        rates = list(plan.keep_rates)
+        error = measured - (fraction - TOLERANCE / 2)
+        rates[index] = min(1.0, max(TINY, rates[index] * (1 - 4 * error)))
+        plan = replace(plan, keep_rates=tuple(rates))
+    raise ValueError(f"calibrate could not land the plan in [{fraction - TOLERANCE:.3f}, {fraction:.3f}] of the FLOPs")
