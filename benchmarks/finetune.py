@@ -17,7 +17,9 @@ choose index ranges explicitly.
 
 Writes to ``--out``: ``finetune.csv`` and ``finetune.md`` (unpatched / patched before fine-tuning / after each
 epoch: top-1, keep rate, wall time), ``finetune.png`` (training curve) and ``finetune.json`` (rows, per-epoch
-history, a checksum of the final parameters on every rank). ``--save DIR`` writes the fine-tuned weights
+history, a checksum of the final parameters on every rank). A quick run on part of the data (``--train-range``
+or ``--val-range``) writes ``finetune_quick.*`` instead, so it never overwrites the committed results
+(``--stem`` names the files explicitly). ``--save DIR`` writes the fine-tuned weights
 (``model.safetensors``, the checkpoint's ``config.json``, and ``patch.json`` with the patch to re-apply).
 With ``--checkpoint-dir DIR``, checkpoints go to ``DIR/last.pt`` at every epoch end and every
 ``--checkpoint-every`` steps; ``--resume`` continues from there exactly (the same command plus ``--resume``).
@@ -55,6 +57,7 @@ from common import (
     add_model_arguments,
     load_model,
     markdown_table,
+    output_stem,
     parse_ints,
     pick_device,
     resolve_model_arguments,
@@ -119,7 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--stem", default="finetune", help="output file names (default finetune.*)")
+    parser.add_argument(
+        "--stem", default=None, help="output file names (default: finetune.*, finetune_quick.* with a --*-range)"
+    )
     parser.add_argument("--checkpoint-dir", type=Path, default=None, help="resumable checkpoints (default: none)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
@@ -131,6 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     resolve_model_arguments(parser, args)
     args.train_range, args.val_range = parse_range(args.train_range), parse_range(args.val_range)
+    args.stem = output_stem(args.stem, "finetune", full=args.train_range is None and args.val_range is None)
     if args.val_data is None and args.data.startswith("imagefolder:") and args.val_range is None:
         parser.error("an ImageFolder is sorted by class: give --val-data (or explicit --train-range/--val-range)")
     if not 0 < args.split < 1:

@@ -1,12 +1,14 @@
 """The main job: params, GFLOPs and measured throughput of patched vs unpatched ViTs (the paper's Table 1).
 
     python benchmarks/flops.py            # DeiT-T/S/B, keep 0.9/0.7/0.5/0.3, merge and drop (< 10 min, 2 cores)
-    python benchmarks/flops.py --quick    # DeiT-T/S, keep 0.7/0.5, fewer rounds (< 2 min)
+    python benchmarks/flops.py --quick    # DeiT-T/S, keep 0.7/0.5, fewer rounds (< 2 min): flops_quick.*
 
 Runs offline on random weights (FLOPs and speed do not depend on them); ``--pretrained`` loads timm's
 weights where the network allows. Throughput of the unpatched and each patched variant is measured in
 the same run, in interleaved rounds (median), so the speedup is a ratio measured side by side. Writes
-``flops.csv``, ``flops.md`` and ``flops.png`` to ``--out``.
+``flops.csv``, ``flops.md`` and ``flops.png`` to ``--out``. Those are the committed results, so only the full
+run (the default models, keep rates, methods, layers, batch size and rounds, no multi-scale) writes them;
+``--quick`` and any other setting write ``flops_quick.*`` (git-ignored) unless ``--stem`` names the files.
 """
 
 from __future__ import annotations
@@ -26,9 +28,28 @@ from tokenmerge_patch.multiscale import add_multiscale, remove_multiscale
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, parse_floats, parse_ints, pick_device, set_threads, write_outputs
+from common import (
+    RESULTS,
+    markdown_table,
+    output_stem,
+    parse_floats,
+    parse_ints,
+    pick_device,
+    set_threads,
+    write_outputs,
+)
 
 MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+# the full run, whose results are committed: only it writes flops.*
+FULL = {
+    "models": MODELS,
+    "keep_rates": [0.9, 0.7, 0.5, 0.3],
+    "methods": ["merge", "drop"],
+    "layers": (3, 6, 9),
+    "batch_size": 16,
+    "rounds": 9,
+    "multiscale": False,
+}
 SHORT = {"deit_tiny_patch16_224": "DeiT-T", "deit_small_patch16_224": "DeiT-S", "deit_base_patch16_224": "DeiT-B"}
 # GFLOPs the paper reports for token mergence at layers (3, 6, 9): Table 1 (DeiT-T/B, and all unpatched),
 # Table 3 "+TM" rows for DeiT-S (Table 1's 3.1 G for DeiT-S includes the multi-scale module).
@@ -73,7 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="DeiT-T/S, keep 0.7/0.5, 7 rounds")
     parser.add_argument("--pretrained", action="store_true", help="load timm weights (needs the network)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for flops.csv/.md/.png")
-    parser.add_argument("--stem", default="flops", help="output file names (default flops.*)")
+    parser.add_argument(
+        "--stem", default=None, help="output file names (default: flops.* for the full run, else flops_quick.*)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument(
         "--multiscale",
@@ -88,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.methods = [m for m in args.methods.split(",") if m]
     args.layers = tuple(parse_ints(args.layers))
     args.rounds = args.rounds or (7 if args.quick else 9)
+    full = not args.quick and all(getattr(args, key) == value for key, value in FULL.items())
+    args.stem = output_stem(args.stem, "flops", full=full)
     return args
 
 

@@ -4,7 +4,9 @@ alone, measured side by side; then torch.profiler's top operators of the merge.
     python benchmarks/profile_reduction.py                    # DeiT-S block 3, batch 16, 2 threads
     python benchmarks/profile_reduction.py --model deit_tiny_patch16_224 --batch-size 64
 
-Writes ``profile_reduction.md`` to ``--out``.
+Writes ``profile_reduction.md`` to ``--out`` for the full run (the defaults, whose result is committed); any
+other model, block, keep rate, batch size or number of rounds writes ``profile_reduction_quick.md`` instead
+(``--stem`` names the file explicitly).
 """
 
 from __future__ import annotations
@@ -22,19 +24,32 @@ from tokenmerge_patch.reduce import reduce_tokens
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, set_threads
+from common import RESULTS, markdown_table, output_stem, set_threads
+
+# the run whose result is committed: only it writes profile_reduction.md
+FULL = {"model": "deit_small_patch16_224", "block": 3, "keep_rate": 0.7, "batch_size": 16, "rounds": 15}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=FULL["model"])
+    parser.add_argument("--block", type=int, default=FULL["block"])
+    parser.add_argument("--keep-rate", type=float, default=FULL["keep_rate"])
+    parser.add_argument("--batch-size", type=int, default=FULL["batch_size"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=FULL["rounds"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--stem", default=None, help="output file name (default: profile_reduction.md, else profile_reduction_quick)"
+    )
+    args = parser.parse_args(argv)
+    full = all(getattr(args, key) == value for key, value in FULL.items())
+    args.stem = output_stem(args.stem, "profile_reduction", full=full)
+    return args
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--block", type=int, default=3)
-    parser.add_argument("--keep-rate", type=float, default=0.7)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     threads = set_threads(args.threads)
 
     model = timm.create_model(args.model).eval()
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     )
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile_reduction.md").write_text(text + "\n")
+    (args.out / f"{args.stem}.md").write_text(text + "\n")
     return text
 
 

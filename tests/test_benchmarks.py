@@ -1,9 +1,12 @@
-"""The benchmark scripts run end to end on small settings and write what they promise."""
+"""The benchmark scripts run end to end on small settings and write what they promise; quick or partial runs
+never overwrite the committed full results of ``benchmarks/results`` (the README shows them)."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 from tiny_models import MNIST_DIR, MNIST_MODEL, needs_shared
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RESULTS = BENCHMARKS / "results"
 
 
 def load(name: str):
@@ -21,22 +25,30 @@ def load(name: str):
     return module
 
 
-def test_flops_main_job(tmp_path: Path) -> None:
+def committed_copy(folder: Path) -> dict[str, bytes]:
+    """Copy the committed results into ``folder`` (a run's --out) and return their bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = {}
+    for path in sorted(RESULTS.iterdir()):
+        if path.is_file() and "_quick" not in path.stem:
+            shutil.copy2(path, folder / path.name)
+            copies[path.name] = path.read_bytes()
+    assert {"flops.csv", "flops.md", "flops.png", "profile_reduction.md"} <= set(copies)
+    return copies
+
+
+def assert_untouched(folder: Path, copies: dict[str, bytes]) -> None:
+    changed = [name for name, content in copies.items() if (folder / name).read_bytes() != content]
+    assert changed == [], f"a quick run overwrote committed results: {changed}"
+
+
+def test_flops_quick_run(tmp_path: Path) -> None:
+    """A quick run next to (a copy of) the committed results: it writes flops_quick.* and leaves flops.* alone."""
+    copies = committed_copy(tmp_path)
     flops = load("flops")
-    rows = flops.main(
-        [
-            "--models",
-            "deit_tiny_patch16_224",
-            "--keep-rates",
-            "0.7",
-            "--rounds",
-            "1",
-            "--batch-size",
-            "2",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    quick = ["--quick", "--models", "deit_tiny_patch16_224", "--keep-rates", "0.7", "--rounds", "1"]
+    rows = flops.main([*quick, "--batch-size", "2", "--out", str(tmp_path)])
+    assert_untouched(tmp_path, copies)
     by_method = {row["method"]: row for row in rows}
     assert set(by_method) == {"unpatched", "merge", "drop"}
     assert round(by_method["unpatched"]["GFLOPs"], 2) == 1.26
@@ -45,23 +57,86 @@ def test_flops_main_job(tmp_path: Path) -> None:
     merge = by_method["merge"]
     assert merge["speedup"] > 0 and "merge time vs drop %" in merge
     assert merge["speedup ÷ FLOPs ratio"] == pytest.approx(merge["speedup"] / merge["FLOPs ratio"])
-    with open(tmp_path / "flops.csv") as handle:
+    with open(tmp_path / "flops_quick.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 3
-    assert "| DeiT-T | merge | 0.70 | 5.717 | 0.818 | 0.8 |" in (tmp_path / "flops.md").read_text()
-    assert (tmp_path / "flops.png").stat().st_size > 10_000
+    assert "| DeiT-T | merge | 0.70 | 5.717 | 0.818 | 0.8 |" in (tmp_path / "flops_quick.md").read_text()
+    assert (tmp_path / "flops_quick.png").stat().st_size > 10_000
 
 
-def test_profile_reduction(tmp_path: Path) -> None:
+def test_profile_reduction_quick_run(tmp_path: Path) -> None:
+    copies = committed_copy(tmp_path)
     text = load("profile_reduction").main(
         ["--model", "deit_tiny_patch16_224", "--batch-size", "2", "--rounds", "1", "--out", str(tmp_path)]
     )
+    assert_untouched(tmp_path, copies)
     assert "reduction alone (merge)" in text and "aten::" in text
-    assert (tmp_path / "profile_reduction.md").is_file()
+    assert (tmp_path / "profile_reduction_quick.md").read_text() == text + "\n"
+
+
+MODEL = ["--model", "deit_tiny_patch16_224", "--data", "mnist:/nowhere"]  # parse_args loads neither
+# (script, arguments, the stems it writes): the full runs write the committed names, everything else not
+OUTPUTS = [
+    ("flops", [], ["flops"]),
+    ("flops", ["--quick"], ["flops_quick"]),
+    ("flops", ["--models", "deit_tiny_patch16_224"], ["flops_quick"]),
+    ("flops", ["--keep-rates", "0.5"], ["flops_quick"]),
+    ("flops", ["--rounds", "2"], ["flops_quick"]),
+    ("flops", ["--batch-size", "4"], ["flops_quick"]),
+    ("flops", ["--multiscale"], ["flops_quick"]),
+    ("flops", ["--quick", "--stem", "mine"], ["mine"]),
+    (
+        "flops",
+        ["--models", "deit_small_patch16_224", "--keep-rates", "0.7", "--multiscale", "--stem", "flops_multiscale"],
+        ["flops_multiscale"],
+    ),  # the README's multi-scale command names its committed files
+    ("accuracy", [*MODEL, "--layers", "1,3,5"], ["accuracy"]),
+    ("accuracy", [*MODEL, "--limit", "300"], ["accuracy_quick"]),
+    ("accuracy", [*MODEL, "--keep-rates", "0.5"], ["accuracy_quick"]),
+    ("accuracy", [*MODEL, "--methods", "merge"], ["accuracy_quick"]),
+    ("accuracy", [*MODEL, "--similarities", "l2"], ["accuracy_quick"]),
+    ("finetune", [*MODEL, "--epochs", "2", "--keep-rate", "0.3"], ["finetune"]),
+    ("finetune", [*MODEL, "--train-range", "0:1024"], ["finetune_quick"]),
+    ("finetune", [*MODEL, "--val-range", "8000:9000"], ["finetune_quick"]),
+    ("profile_reduction", [], ["profile_reduction"]),
+    ("profile_reduction", ["--rounds", "3"], ["profile_reduction_quick"]),
+    ("profile_reduction", ["--model", "deit_tiny_patch16_224"], ["profile_reduction_quick"]),
+    ("merge_pictures", [], ["merge_groups_mnist", "merge_groups_photos"]),
+    ("merge_pictures", ["--keep-rate", "0.3"], ["merge_groups_mnist_quick", "merge_groups_photos_quick"]),
+    ("merge_pictures", ["--digits", "5,6"], ["merge_groups_mnist_quick", "merge_groups_photos"]),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "stems"), OUTPUTS, ids=[f"{s} {' '.join(a)}" for s, a, _ in OUTPUTS])
+def test_only_full_runs_write_the_committed_names(script: str, argv: list[str], stems: list[str]) -> None:
+    args = load(script).parse_args(argv)
+    assert args.out == RESULTS
+    written = [args.mnist_path.stem, args.photos_path.stem] if script == "merge_pictures" else [args.stem]
+    assert written == stems
+    committed = {path.stem for path in RESULTS.iterdir() if path.is_file()}
+    assert all(stem in committed for stem in written if not stem.endswith("_quick") and stem != "mine")
+    assert not any(stem in committed for stem in written if stem.endswith("_quick"))
+
+
+def test_quick_results_are_git_ignored() -> None:
+    if shutil.which("git") is None or not (BENCHMARKS.parent / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = ["flops_quick.csv", "accuracy_quick.png", "finetune_quick.json", "profile_reduction_quick.md"]
+    names += ["merge_groups_mnist_quick.png"]
+    done = subprocess.run(
+        ["git", "check-ignore", *(f"benchmarks/results/{name}" for name in names)],
+        cwd=BENCHMARKS.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.split() == [f"benchmarks/results/{name}" for name in names]
+    done = subprocess.run(["git", "check-ignore", "benchmarks/results/flops.csv"], cwd=BENCHMARKS.parent)
+    assert done.returncode == 1  # the committed results are not
 
 
 @needs_shared
 @pytest.mark.slow
 def test_accuracy_on_real_checkpoint(tmp_path: Path) -> None:
+    copies = committed_copy(tmp_path)
     rows = load("accuracy").main(
         [
             "--checkpoint",
@@ -82,6 +157,7 @@ def test_accuracy_on_real_checkpoint(tmp_path: Path) -> None:
             str(tmp_path),
         ]
     )
+    assert_untouched(tmp_path, copies)
     assert [(r["method"], r["similarity"], r["keep rate"]) for r in rows] == [
         ("unpatched", "", 1.0),
         ("merge", "cosine", 0.5),
@@ -96,4 +172,5 @@ def test_accuracy_on_real_checkpoint(tmp_path: Path) -> None:
     # 49 patches at 0.2 would be 10 -> 2 -> 1, but ToMe merges at most half per block: 25 -> 13 -> 7
     assert rows[4]["tokens"] == "50→26→14→8" and rows[4]["note"].startswith("clamped")
     assert rows[3]["note"] == "" and rows[2]["tokens"] == "50→11→3→2"
-    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
+    assert (tmp_path / "accuracy_quick.png").stat().st_size > 10_000
+    assert "| merge | l2 | 0.50 |" in (tmp_path / "accuracy_quick.md").read_text()

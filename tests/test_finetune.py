@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from tiny_models import HAS_ATTN_HEAD_DIM, MNIST_DIR, MNIST_MODEL, TINY, make_model, needs_shared
@@ -234,7 +236,7 @@ def test_bad_input(change, error: type, match: str) -> None:
     change(model, kwargs)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(error, match=match):
-        finetune(model, kwargs.pop("train_loader"), progress=False, **kwargs)
+        finetune(model, kwargs.pop("train_loader"), **kwargs)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -287,6 +289,449 @@ def test_progress_bar_shows_loss_accuracy_lr_keep_rate(capsys: pytest.CaptureFix
     captured = capsys.readouterr()
     assert all(f"{key}=" in captured.err for key in ("loss", "acc", "lr", "keep"))
     assert "epoch 1: loss" in captured.out
+
+
+# -- every bad argument is refused before anything is touched ------------------------------------------
+
+
+def assert_refused(model: torch.nn.Module, error: type, match: str, train_loader=None, **kwargs: object) -> None:
+    """``finetune`` raises ``error`` before its first step, and the model's state is exactly as it was."""
+    before = copy.deepcopy(model.state_dict())
+    modes, config = [m.training for m in model.modules()], tm.patch_config(model)
+    steps: list[StepInfo] = []
+    kwargs.setdefault("progress", False)
+    with pytest.raises(error, match=match):
+        finetune(model, loader() if train_loader is None else train_loader, callback=steps.append, **kwargs)
+    assert steps == []
+    after = model.state_dict()
+    assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in model.modules()] == modes and tm.patch_config(model) == config
+
+
+NON_FINITE = [
+    ("lr", math.inf),
+    ("lr", math.nan),
+    ("lr", np.float32("inf")),
+    ("weight_decay", math.nan),
+    ("weight_decay", math.inf),
+    ("weight_decay", np.float64("nan")),
+    ("min_lr", math.nan),
+    ("grad_clip", math.inf),
+    ("grad_clip", math.nan),
+    ("label_smoothing", math.nan),
+    ("distill_weight", math.nan),
+    ("distill_temperature", math.inf),
+    ("distill_temperature", math.nan),
+    ("keep_rate_warmup", math.nan),
+    ("lr_warmup", math.inf),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), NON_FINITE, ids=[f"{n}={v}" for n, v in NON_FINITE])
+def test_non_finite_numbers_are_refused(name: str, value: float) -> None:
+    """lr=inf, weight_decay=nan/inf or distill_temperature=inf used to pass and turn every parameter NaN."""
+    teacher = VisionTransformer(**TINY).eval()
+    assert_refused(tiny(), ValueError, rf"{name} must be .*finite", teacher=teacher, **{name: value})
+
+
+WRONG_TYPES = [
+    ("epochs", True),
+    ("epochs", 2.0),
+    ("epochs", "2"),
+    ("lr", True),
+    ("lr", "1e-3"),
+    ("lr", None),
+    ("lr", torch.tensor(1e-3)),
+    ("weight_decay", np.bool_(True)),
+    ("min_lr", False),
+    ("checkpoint_every", 1.5),
+    ("checkpoint_every", True),
+    ("grad_clip", "1"),
+    ("label_smoothing", [0.1]),
+    ("distill_weight", False),
+    ("distill_temperature", "2"),
+    ("keep_rate_warmup", None),
+    ("lr_warmup", True),
+    ("resume", "yes"),
+    ("progress", None),
+    ("amp", "bf16"),
+    ("find_unused_parameters", 1),
+    ("callback", 5),
+    ("device", 3),
+    ("checkpoint_dir", 5),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), WRONG_TYPES, ids=[f"{n}={v!r}" for n, v in WRONG_TYPES])
+def test_wrong_types_are_refused_with_a_type_error(name: str, value: object) -> None:
+    assert_refused(tiny(), TypeError, name, **{name: value})
+
+
+OUT_OF_RANGE = [
+    ("epochs", np.int64(0)),
+    ("epochs", -1),
+    ("lr", -1e-3),
+    ("weight_decay", -0.1),
+    ("min_lr", 1e-3),  # above lr (1e-4)
+    ("min_lr", -1e-6),
+    ("grad_clip", 0),
+    ("checkpoint_every", np.int32(0)),
+    ("label_smoothing", 1.5),
+    ("distill_weight", -0.5),
+    ("distill_temperature", 0.0),
+    ("lr_warmup", 1.01),
+    ("device", "not-a-device"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), OUT_OF_RANGE, ids=[f"{n}={v!r}" for n, v in OUT_OF_RANGE])
+def test_out_of_range_numbers_are_refused(name: str, value: object) -> None:
+    assert_refused(tiny(), ValueError, name, **{name: value})
+
+
+def test_any_real_number_is_accepted_numpy_scalars_included(tmp_path: Path) -> None:
+    """numpy scalars and other numbers.Real / numbers.Integral values train exactly as the Python numbers
+    they equal, and write the same checkpoint fingerprint (numpy floats are not JSON-serialisable)."""
+    from fractions import Fraction
+
+    plain = dict(
+        epochs=2, lr=2**-10, weight_decay=0.25, min_lr=2**-12, lr_warmup=0.25, keep_rate_warmup=0.5,
+        grad_clip=1.0, checkpoint_every=3, label_smoothing=0.125, distill_weight=0.5, distill_temperature=2.0,
+    )  # fmt: skip
+    numeric = {key: np.int32(value) if isinstance(value, int) else np.float32(value) for key, value in plain.items()}
+    numeric.update(epochs=np.int64(2), weight_decay=Fraction(1, 4), min_lr=np.float16(2**-12))
+    results = {}
+    for label, settings in (("plain", plain), ("numeric", numeric)):
+        torch.manual_seed(1)
+        teacher = VisionTransformer(**TINY).eval()
+        model = tiny()
+        history = finetune(
+            model, loader(), teacher=teacher, checkpoint_dir=tmp_path / label, progress=False, **settings
+        )
+        results[label] = (model.state_dict(), [{**vars(h), "seconds": 0} for h in history])
+    (plain_state, plain_history), (numeric_state, numeric_history) = results["plain"], results["numeric"]
+    assert all(torch.equal(plain_state[k], numeric_state[k]) for k in plain_state)
+    assert plain_history == numeric_history
+    saved = [torch.load(tmp_path / label / CHECKPOINT_NAME, weights_only=True) for label in results]
+    assert saved[0]["fingerprint"] == saved[1]["fingerprint"]
+    # and a run with numpy settings resumes the plain run's (finished) checkpoint: nothing left to do
+    torch.manual_seed(1)
+    teacher = VisionTransformer(**TINY).eval()
+    again = finetune(tiny(), loader(), teacher=teacher, checkpoint_dir=tmp_path / "plain", resume=True, **numeric)
+    assert [{**vars(h), "seconds": 0} for h in again] == plain_history
+
+
+# -- checkpoint_dir is checked before the first step ---------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["below-a-file", "is-a-file"])
+def test_unusable_checkpoint_dir_fails_before_the_first_step(tmp_path: Path, where: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    target = blocker / "checkpoints" if where == "below-a-file" else blocker
+    assert_refused(tiny(), ValueError, "checkpoint_dir", checkpoint_dir=target)
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write to read-only folders")
+def test_read_only_checkpoint_dir_fails_before_the_first_step(tmp_path: Path) -> None:
+    target = tmp_path / "read-only"
+    target.mkdir()
+    target.chmod(0o555)
+    try:
+        assert_refused(tiny(), ValueError, "checkpoint_dir", checkpoint_dir=target)
+    finally:
+        target.chmod(0o755)
+
+
+def test_checkpoint_dir_is_created_and_probed_before_the_first_step(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "deeper"
+    at_first_step: list[list[str]] = []
+
+    def look(info: StepInfo) -> None:
+        if info.step == 1:  # raises on a folder that does not exist yet
+            at_first_step.append(sorted(path.name for path in target.iterdir()))
+
+    finetune(tiny(), loader(), checkpoint_dir=target, callback=look, progress=False)
+    assert at_first_step == [[]]  # created, and the probe file is gone
+    assert sorted(path.name for path in target.iterdir()) == [CHECKPOINT_NAME]
+
+
+# -- the batch forms a loader may yield ----------------------------------------------------------------
+
+
+class Dicts(torch.utils.data.Dataset):
+    """Hugging Face style samples: a dict of images, labels and something else."""
+
+    def __init__(self, base: TensorDataset, image_key: str = "pixel_values", label_key: str | None = "labels"):
+        self.base, self.image_key, self.label_key = base, image_key, label_key
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.base[index]
+        sample = {self.image_key: image, "index": index}
+        if self.label_key is not None:
+            sample[self.label_key] = label
+        return sample
+
+
+class Lists(torch.utils.data.Dataset):
+    def __init__(self, base: TensorDataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> list:
+        return list(self.base[index])
+
+
+FORMS = {
+    "pixel_values/labels dict": lambda data: Dicts(data),
+    "image/label dict": lambda data: Dicts(data, "image", "label"),
+    "images/labels dict": lambda data: Dicts(data, "images", "labels"),
+    "3-tuple": lambda data: TensorDataset(*data.tensors, torch.arange(len(data))),
+    "list": lambda data: Lists(data),
+}
+
+
+def form_loader(form, n: int = 40, seed: int = 0, shuffle: bool = True) -> DataLoader:
+    generator = torch.Generator().manual_seed(0) if shuffle else None
+    return DataLoader(form(synthetic(n, seed=seed)), batch_size=8, shuffle=shuffle, generator=generator)
+
+
+def test_every_batch_form_trains_exactly_as_image_label_tuples() -> None:
+    def run(form) -> tuple[dict, list]:
+        model = tiny()
+        history = finetune(
+            model,
+            form_loader(form),
+            val_loader=form_loader(form, seed=1, shuffle=False),
+            epochs=2,
+            lr=1e-3,
+            progress=False,
+        )
+        return model.state_dict(), [{**vars(h), "seconds": 0} for h in history]
+
+    expected_state, expected_history = run(lambda data: data)
+    assert expected_history[-1]["val_accuracy"] > 0  # validation ran on the tuples
+    for name, form in FORMS.items():
+        state, history = run(form)
+        assert all(torch.equal(expected_state[k], state[k]) for k in state), name
+        assert history == expected_history, name
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_evaluate_loader_and_evaluate_read_every_form(form: str) -> None:
+    from tokenmerge_patch.evaluation import evaluate
+    from tokenmerge_patch.finetune import evaluate_loader
+
+    model, data = tiny(), synthetic(24, seed=3)
+    with torch.no_grad():
+        expected = (model(data.tensors[0]).argmax(-1) == data.tensors[1]).float().mean().item()
+    wrapped = FORMS[form](data)
+    assert evaluate_loader(model, DataLoader(wrapped, batch_size=5)) == pytest.approx(expected, abs=1e-9)
+    assert evaluate(model, wrapped, batch_size=5, progress=False) == pytest.approx(expected, abs=1e-9)
+
+
+IMAGES, LABELS = synthetic(8).tensors
+BAD_BATCHES = {
+    "strings": (["a.png", "b.png"], TypeError, "yielded a str; a batch must be"),
+    "dict without images": ([{"x": IMAGES, "labels": LABELS}], TypeError, r"keys \['x', 'labels'\].*a batch must be"),
+    "images not a tensor": ([(IMAGES.tolist(), LABELS)], TypeError, "images of type list.*a batch must be"),
+    "empty tuple": ([()], TypeError, "empty tuple; a batch must be"),
+    "float labels": ([(IMAGES, LABELS.float())], TypeError, "labels as a torch.float32 Tensor"),
+    "labels as a list": ([(IMAGES, LABELS.tolist())], TypeError, "labels as a list"),
+    "too few labels": ([(IMAGES, LABELS[:3])], ValueError, r"labels of shape \(3,\).*for 8 images"),
+    "one-hot labels": ([(IMAGES, F.one_hot(LABELS, 5))], ValueError, "one per image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+@pytest.mark.parametrize("which", ["train_loader", "val_loader"])
+def test_bad_batches_are_refused_before_training(which: str, case: str) -> None:
+    batches, error, match = BAD_BATCHES[case]
+    kwargs = {"train_loader": batches} if which == "train_loader" else {"val_loader": batches}
+    assert_refused(tiny(), error, rf"{which}.*{match}", **kwargs)
+
+
+# -- label-free recovery: distillation from the teacher alone ------------------------------------------
+
+
+def images_only(n: int = 40, seed: int = 0) -> DataLoader:
+    return DataLoader(
+        synthetic(n, seed).tensors[0], batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+
+
+def kl_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, images: torch.Tensor) -> float:
+    """KL(teacher || student) per image, written out: sum p_t (log p_t - log p_s)."""
+    with torch.no_grad():
+        log_t, log_s = teacher(images).log_softmax(-1), student.eval()(images).log_softmax(-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean().item()
+
+
+def test_label_free_distillation_moves_the_student_toward_the_teacher() -> None:
+    teacher = make_model("vit", seed=3)  # another network: far from the student at first
+    student = tiny()
+    held_out = synthetic(40, seed=1).tensors[0]
+    before = kl_to_teacher(student, teacher, held_out)
+    history = finetune(student, images_only(), teacher=teacher, epochs=6, lr=3e-3, progress=False)
+    after = kl_to_teacher(student, teacher, held_out)
+    assert before > 0.1 and after < 0.5 * before
+    assert history[-1].train_loss < 0.5 * history[0].train_loss
+    assert history[-1].train_accuracy > history[0].train_accuracy  # agreement with the teacher's top-1
+    assert tm.patch_config(student).keep_rates == TARGETS
+
+
+def manual_step(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    lr: float,
+    weight: float,
+    temperature: float,
+) -> tuple[torch.nn.Module, float, int]:
+    """One AdamW step on a copy of ``student`` with the documented objective, written out by hand."""
+    model = copy.deepcopy(student).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    logits = model(images)
+    loss = kl = ce = None
+    if labels is not None:
+        ce = -logits.log_softmax(-1).gather(1, labels[:, None]).mean()
+    if teacher is not None:
+        with torch.no_grad():
+            log_t = (teacher(images) / temperature).log_softmax(-1)
+        log_s = (logits / temperature).log_softmax(-1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature**2
+    if kl is None:
+        loss = ce
+    elif ce is None:
+        loss = kl
+    else:
+        loss = (1 - weight) * ce + weight * kl
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if labels is not None:
+        reference = labels
+    else:
+        with torch.no_grad():
+            reference = teacher(images).argmax(-1)
+    return model, loss.item(), int((logits.argmax(-1) == reference).sum())
+
+
+@pytest.mark.parametrize(
+    ("labelled", "with_teacher"), [(True, False), (True, True), (False, True)], ids=["ce", "ce+kd", "label-free"]
+)
+@pytest.mark.parametrize("form", ["tensor-or-tuple", "dict"])
+def test_one_step_matches_the_objective_written_by_hand(labelled: bool, with_teacher: bool, form: str) -> None:
+    """The labelled paths (cross-entropy, and with a teacher) are what they always were; the label-free one
+    is T² KL(teacher || student) alone, and its accuracy is agreement with the teacher's top-1."""
+    images, labels = synthetic(8, seed=4).tensors
+    teacher = make_model("vit", seed=3) if with_teacher else None
+    student = tiny()
+    lr, weight, temperature = 1e-3, 0.3, 2.0
+    expected, expected_loss, expected_correct = manual_step(
+        student, teacher, images, labels if labelled else None, lr=lr, weight=weight, temperature=temperature
+    )
+    if form == "dict":
+        batch = {"pixel_values": images, **({"labels": labels} if labelled else {})}
+    else:
+        batch = (images, labels) if labelled else images
+    losses: list[float] = []
+    history = finetune(
+        student, [batch], lr=lr, weight_decay=0.0, lr_warmup=0.0, teacher=teacher, distill_weight=weight,
+        distill_temperature=temperature, progress=False, callback=lambda info: losses.append(info.loss),
+    )  # fmt: skip
+    assert losses == [pytest.approx(expected_loss, rel=1e-5)]
+    assert history[0].train_accuracy == expected_correct / 8
+    for (name, actual), wanted in zip(student.state_dict().items(), expected.state_dict().values(), strict=True):
+        torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=2e-6, msg=name)  # steps are ~1e-3
+
+
+def test_label_free_distilled_deit_trains_both_heads_from_the_teacher() -> None:
+    model = make_model("distilled")
+    teacher = copy.deepcopy(model)
+    model.set_distilled_training(True)
+    tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    before = copy.deepcopy(model.state_dict())
+    history = finetune(model, images_only(16), teacher=teacher, lr=1e-3, weight_decay=0.0, progress=False)
+    assert math.isfinite(history[0].train_loss) and 0 <= history[0].train_accuracy <= 1
+    for head in ("head.weight", "head_dist.weight"):
+        assert not torch.equal(before[head], model.state_dict()[head]), head
+
+
+@pytest.mark.parametrize(
+    "batches",
+    [[IMAGES], [(IMAGES,)], [{"pixel_values": IMAGES}], [{"image": IMAGES, "index": torch.arange(8)}]],
+    ids=["tensor", "1-tuple", "dict", "dict-with-extras"],
+)
+def test_no_labels_and_no_teacher_is_refused_before_the_first_step(batches: list) -> None:
+    assert_refused(tiny(), ValueError, "train_loader.*no labels.*teacher", train_loader=batches, progress=False)
+
+
+def test_validation_without_labels_is_refused_before_the_first_step() -> None:
+    teacher = VisionTransformer(**TINY).eval()
+    assert_refused(tiny(), ValueError, "val_loader.*no labels", val_loader=[IMAGES], teacher=teacher, progress=False)
+    from tokenmerge_patch.finetune import evaluate_loader
+
+    with pytest.raises(ValueError, match="labels"):
+        evaluate_loader(tiny(), [{"pixel_values": IMAGES}])
+
+
+class OneShot:
+    """A one-shot iterator with a length: finetune must not look ahead at it (it would lose a batch)."""
+
+    def __init__(self, batches: list) -> None:
+        self.length, self.batches = len(batches), iter(batches)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> OneShot:
+        return self
+
+    def __next__(self) -> object:
+        return next(self.batches)
+
+
+def test_one_shot_iterators_are_checked_batch_by_batch() -> None:
+    assert finetune(tiny(), OneShot(list(loader())), progress=False)[0].step == 5  # no batch lost
+    steps: list[int] = []
+    with pytest.raises(ValueError, match="without labels and there is no teacher"):
+        finetune(tiny(), OneShot([(IMAGES, LABELS), IMAGES]), callback=lambda i: steps.append(i.step), progress=False)
+    assert steps == [1]  # the unlabelled batch is refused before its step
+
+
+def test_looking_at_the_first_batch_keeps_the_data_order() -> None:
+    """The first-batch check draws a shuffle seed from the global RNG and puts it back: the run sees the
+    batches an untouched loader would give."""
+    data, model = synthetic(), tiny()
+    torch.manual_seed(5)
+    expected = [images for images, _ in DataLoader(data, batch_size=8, shuffle=True)]
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()) if m.training else None)
+    torch.manual_seed(5)
+    finetune(model, DataLoader(data, batch_size=8, shuffle=True), progress=False)
+    assert len(seen) == 5 and all(torch.equal(a, b) for a, b in zip(seen, expected, strict=True))
+
+
+def test_public_signature_is_unchanged() -> None:
+    parameters = inspect.signature(finetune).parameters
+    assert list(parameters)[:2] == ["model", "train_loader"]
+    defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    assert defaults == dict(
+        epochs=1, lr=1e-4, weight_decay=0.05, val_loader=None, keep_rate_warmup=0.0, teacher=None, device=None,
+        amp=None, grad_clip=None, checkpoint_dir=None, resume=False, checkpoint_every=None, lr_warmup=0.05,
+        min_lr=0.0, label_smoothing=0.0, distill_weight=0.5, distill_temperature=1.0, find_unused_parameters=False,
+        progress=True, callback=None,
+    )  # fmt: skip
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(parameters.values())[2:])
 
 
 # -- the CLI ------------------------------------------------------------------------------------------
@@ -348,18 +793,37 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(ROOT / "benchmarks" / "finetune.py"), *cli_args(tmp_path, "ddp", 8), "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ddp-checkpoints")]
+    done = subprocess.run([*command, *ckpt], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(tmp_path / "ddp-checkpoints" / CHECKPOINT_NAME, weights_only=True)
+    assert saved["step"] == 8 and len(saved["rng"]) == 2 and saved["fingerprint"]["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "ddp-checkpoints").iterdir()) == [CHECKPOINT_NAME]  # no probe left
+
+    # an unusable checkpoint_dir: rank 0 finds it, every rank stops with the same error (no rank left waiting)
+    (tmp_path / "a-file").write_text("")
+    bad = ["--checkpoint-dir", str(tmp_path / "a-file" / "checkpoints")]
+    failed = subprocess.run([*command, *bad], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode != 0 and failed.stderr.count("ValueError: checkpoint_dir") == 2, failed.stderr[-3000:]
     out = tmp_path / "ddp"
-    for name in ("finetune.csv", "finetune.md", "finetune.png", "finetune.json", "weights/model.safetensors"):
+    # --train-range makes it a quick run: its own names, never the committed finetune.* (see test_benchmarks)
+    names = ("finetune_quick.csv", "finetune_quick.md", "finetune_quick.png", "finetune_quick.json")
+    for name in (*names, "weights/model.safetensors"):
         assert (out / name).is_file(), name
+    assert not list(out.glob("finetune.*"))
     assert done.stdout.count("| stage |") == 1  # only rank 0 reports
-    summary = json.loads((out / "finetune.json").read_text())
+    summary = json.loads((out / "finetune_quick.json").read_text())
     assert summary["world_size"] == 2 and len(set(summary["parameter_sha256"])) == 1
     assert [h["step"] for h in summary["history"]] == [4, 8]  # 32 images per rank, batch 8
     assert [row["stage"] for row in summary["rows"]][-1] == "after epoch 2"
 
+    (tmp_path / "single").mkdir()
+    committed = {}
+    for path in (ROOT / "benchmarks" / "results").glob("finetune.*"):  # a copy of the committed results
+        committed[path.name] = path.read_bytes()
+        (tmp_path / "single" / path.name).write_bytes(committed[path.name])
     rows = load_cli().main([*cli_args(tmp_path, "single", 16), "--threads", str(torch.get_num_threads())])
+    assert len(committed) == 4 and all((tmp_path / "single" / n).read_bytes() == b for n, b in committed.items())
     single, ddp = load_file(tmp_path / "single/weights/model.safetensors"), load_file(out / "weights/model.safetensors")
     start = load_file(tmp_path / "ckpt" / "model.safetensors")
     assert any(not torch.equal(start[k], ddp[k]) for k in start)  # it trained
@@ -382,4 +846,4 @@ def test_cli_on_the_real_checkpoint(tmp_path: Path) -> None:
     unpatched, before, after = (row["top-1 %"] for row in rows)
     assert unpatched > 95 and before < unpatched and after >= before - 0.5  # 16 steps: it must not break it
     assert rows[-1]["train top-1 %"] > 90 and rows[-1]["seconds"] > 0
-    assert "| after epoch 1 | 1 | 0.30 | 1,3,5 |" in (tmp_path / "finetune.md").read_text()
+    assert "| after epoch 1 | 1 | 0.30 | 1,3,5 |" in (tmp_path / "finetune_quick.md").read_text()

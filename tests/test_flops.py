@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -98,3 +99,40 @@ def test_example_input_is_counted_per_image() -> None:
 def test_bad_input_size() -> None:
     with pytest.raises(TypeError, match="input_size must be"):
         tm.count_flops(make_model("vit"), (32, 32))
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(np.int64(3), np.int32(32), np.int64(32)), list(np.array([3, 32, 32])), [3, np.uint8(32), 32]],
+    ids=["numpy", "list", "mixed"],
+)
+def test_input_size_takes_any_integral(size) -> None:
+    model = make_model("vit")
+    python = tm.count_flops(model, (3, 32, 32))
+    report = tm.count_flops(model, size)
+    assert report.total == python.total and report.analytic == python.analytic
+    assert [b.tokens_out for b in report.blocks] == [b.tokens_out for b in python.blocks]
+
+
+BAD_SIZES = [
+    ((3, 32.0, 32), TypeError),
+    ((True, 32, 32), TypeError),
+    ((3, np.bool_(True), 32), TypeError),
+    ((3, np.float64(32), 32), TypeError),
+    ((3, "32", 32), TypeError),
+    ("abc", TypeError),
+    ((3, 32, 32, 1), TypeError),
+    (32, TypeError),
+    ((3, 0, 32), ValueError),
+    ((3, 32, np.int64(-1)), ValueError),
+]
+
+
+@pytest.mark.parametrize(("size", "error"), BAD_SIZES, ids=[repr(s) for s, _ in BAD_SIZES])
+def test_bad_input_sizes_are_refused_and_leave_the_model_alone(size, error: type) -> None:
+    model = tm.patch(make_model("vit"), layers=(1, 2), keep_rate=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=r"input_size must be \(channels, height, width\), three integers"):
+        tm.count_flops(model, size)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert tm.patch_config(model).keep_rates == (0.5, 0.5) and not model.training

@@ -1,13 +1,100 @@
-"""Top-1 accuracy over a dataset, with a progress bar."""
+"""Top-1 accuracy over a dataset, with a progress bar, and what a loader's batch may look like.
+
+:func:`parse_batch` is the one place that reads a batch: :func:`evaluate`, :func:`~tokenmerge_patch.finetune`
+and :func:`~tokenmerge_patch.finetune.evaluate_loader` all accept the same forms.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import NamedTuple
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .utils import eval_mode
+
+IMAGE_KEYS = ("pixel_values", "image", "images")
+LABEL_KEYS = ("labels", "label")
+BATCH_FORMS = (
+    "a batch must be a Tensor of images; a tuple or list (images,), (images, labels) or (images, labels, "
+    "*extras) with the extras ignored; or a dict with the images under 'pixel_values', 'image' or 'images' and "
+    "the labels (optional) under 'labels' or 'label' — images a Tensor [B, ...], labels an integer Tensor [B]"
+)
+
+
+class Batch(NamedTuple):
+    """One parsed batch: images, and class-index labels or ``None`` when the batch carries none."""
+
+    images: Tensor
+    labels: Tensor | None
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        labels = None if self.labels is None else self.labels.to(device, non_blocking=non_blocking)
+        return Batch(self.images.to(device, non_blocking=non_blocking), labels)
+
+
+def parse_batch(batch: object, name: str = "loader") -> Batch:
+    """Read a loader's batch in any of the common forms (see ``BATCH_FORMS``); ``name`` says whose batch it
+    is in the error a wrong form gets (a ``TypeError`` listing the forms, or a ``ValueError`` for labels
+    whose length is not the batch's).
+
+    >>> images, labels = torch.zeros(2, 3, 8, 8), torch.tensor([0, 1])
+    >>> parse_batch((images, labels, ["a.png", "b.png"])).labels.tolist()  # extras ignored
+    [0, 1]
+    >>> parse_batch({"pixel_values": images, "labels": labels}).images.shape  # Hugging Face style
+    torch.Size([2, 3, 8, 8])
+    >>> parse_batch(images).labels is None  # images alone: no labels
+    True
+    >>> parse_batch("cat.png", "train_loader")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    TypeError: train_loader yielded a str; a batch must be a Tensor of images; ...
+    """
+    if isinstance(batch, Tensor):
+        images, labels = batch, None
+    elif isinstance(batch, (tuple, list)):
+        if not batch:
+            raise TypeError(f"{name} yielded an empty {type(batch).__name__}; {BATCH_FORMS}")
+        images, labels = batch[0], (batch[1] if len(batch) > 1 else None)
+    elif isinstance(batch, Mapping):
+        image_key = next((key for key in IMAGE_KEYS if key in batch), None)
+        if image_key is None:
+            raise TypeError(f"{name} yielded a dict with keys {list(batch)}, none of them images; {BATCH_FORMS}")
+        images = batch[image_key]
+        labels = next((batch[key] for key in LABEL_KEYS if key in batch), None)
+    else:
+        raise TypeError(f"{name} yielded a {type(batch).__name__}; {BATCH_FORMS}")
+    if not isinstance(images, Tensor) or images.ndim == 0:
+        raise TypeError(f"{name} yielded images of type {type(images).__name__}, not a batch Tensor; {BATCH_FORMS}")
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
+            what = f"a {labels.dtype} Tensor" if isinstance(labels, Tensor) else f"a {type(labels).__name__}"
+            raise TypeError(f"{name} yielded labels as {what}; {BATCH_FORMS}")
+        if labels.dtype == torch.bool or labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"{name} yielded labels of shape {tuple(labels.shape)} and dtype {labels.dtype} for "
+                f"{images.shape[0]} images; labels must be integer class indices, one per image"
+            )
+    return Batch(images, labels)
+
+
+def logits_of(output: object) -> Tensor:
+    """The logits in a model's output: a Tensor as is, a DeiT distilled model's two heads averaged (as timm
+    does at inference), a Hugging Face output's ``.logits``.
+
+    >>> logits_of((torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])))
+    tensor([2., 2.])
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and all(isinstance(o, Tensor) for o in output[:2]):
+        return output[0] if len(output) == 1 else (output[0] + output[1]) / 2
+    logits = getattr(output, "logits", None)  # Hugging Face outputs
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(f"the model returned {type(output).__name__}; expected logits (a Tensor)")
 
 
 @torch.inference_mode()
@@ -20,9 +107,9 @@ def evaluate(
     desc: str = "eval",
     progress: bool = True,
 ) -> float:
-    """Top-1 accuracy (0..1) of ``model`` on ``dataset`` of ``(image, label)`` pairs.
+    """Top-1 accuracy (0..1) of ``model`` on ``dataset`` of ``(image, label)`` pairs (or dicts with
+    ``"pixel_values"``/``"image"`` and ``"labels"``/``"label"``; see :func:`parse_batch`).
 
-    >>> import torch
     >>> from torch.utils.data import TensorDataset
     >>> data = TensorDataset(torch.eye(3), torch.tensor([0, 1, 1]))
     >>> evaluate(nn.Identity(), data, progress=False)
@@ -31,9 +118,11 @@ def evaluate(
     correct = total = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     with eval_mode(model):
-        for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            logits = model(images.to(device))
-            logits = logits if isinstance(logits, torch.Tensor) else logits.logits
-            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            images, labels = parse_batch(batch, "dataset")
+            if labels is None:
+                raise ValueError("evaluate needs labelled samples: the dataset's samples carry no labels")
+            logits = logits_of(model(images.to(device)))
+            correct += (logits.argmax(-1).cpu() == labels.cpu()).sum().item()
             total += labels.numel()
     return correct / max(total, 1)

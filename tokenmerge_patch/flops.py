@@ -17,7 +17,9 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import prod
+from numbers import Integral
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -108,11 +110,19 @@ class FlopReport:
 def _example(model: nn.Module, input_size: Sequence[int] | Tensor) -> Tensor:
     if isinstance(input_size, Tensor):
         return input_size
-    if isinstance(input_size, Sequence) and len(input_size) == 3 and all(isinstance(v, int) for v in input_size):
-        param = next(model.parameters())
-        generator = torch.Generator().manual_seed(0)
-        return torch.randn(1, *input_size, generator=generator).to(param.device, param.dtype)
-    raise TypeError(f"input_size must be (channels, height, width) or an example tensor, got {input_size!r}")
+    allowed = "(channels, height, width), three integers (int or numpy integer, not bool), or an example tensor"
+    if isinstance(input_size, np.ndarray) and input_size.ndim == 1:
+        input_size = tuple(input_size.tolist())  # a numpy array of sizes: its elements as Python numbers
+    if not isinstance(input_size, Sequence) or isinstance(input_size, str) or len(input_size) != 3:
+        raise TypeError(f"input_size must be {allowed}, got {input_size!r}")
+    for value in input_size:
+        if isinstance(value, bool) or not isinstance(value, Integral):  # numpy integers are Integral
+            raise TypeError(f"input_size must be {allowed}, got {input_size!r} (holding a {type(value).__name__})")
+    if any(value < 1 for value in input_size):
+        raise ValueError(f"input_size must be {allowed}, each >= 1, got {input_size!r}")
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, *(int(v) for v in input_size), generator=generator).to(param.device, param.dtype)
 
 
 @torch.no_grad()
@@ -121,8 +131,12 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
 
     Args:
         model: a supported ViT, patched or not (fused attention may stay on).
-        input_size: ``(C, H, W)`` for a batch of one, or an example input (its flops are divided by
-            its batch size).
+        input_size: ``(C, H, W)`` for a batch of one (``numbers.Integral`` values, numpy integers included),
+            or an example input (its flops are divided by its batch size).
+
+    Raises:
+        TypeError: ``input_size`` neither three integers nor a Tensor.
+        ValueError: a size below 1.
 
     Example:
         >>> import timm, tokenmerge_patch

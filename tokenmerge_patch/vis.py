@@ -41,8 +41,13 @@ def merge_sources(model: nn.Module, image: Tensor) -> dict[int, Tensor]:
     state = _state(model)
     if state is None:
         raise ValueError("model is not patched; call tokenmerge_patch.patch(model, ...) first")
-    if image.ndim != 3:
-        raise ValueError(f"image must be [C, H, W], got shape {tuple(image.shape)}")
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image must be a float tensor [C, H, W], got {type(image).__name__}")
+    if image.ndim != 3 or not image.is_floating_point():
+        raise ValueError(f"image must be a float tensor [C, H, W], got {image.dtype} of shape {tuple(image.shape)}")
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and image.shape[0] != conv.in_channels:
+        raise ValueError(f"image has {image.shape[0]} channels but the model takes {conv.in_channels}")
     config = state.config
     state.config = replace(config, trace_source=True)
     try:
@@ -137,6 +142,8 @@ def show_merges(
         display: what to draw underneath (e.g. the un-normalised image); default: ``image`` rescaled.
         path: save the figure as PNG here.
     """
+    if path is not None and not Path(path).parent.is_dir():
+        raise ValueError(f"path: the folder {Path(path).parent} does not exist")
     sources = merge_sources(model, image)
     return plot_merge_groups(
         display if display is not None else image, sources, _patch_size(model), path=path, title=title
