@@ -102,10 +102,11 @@ def test_a_reentrant_call_from_inside_the_attention_works() -> None:
     x1, x2 = _batches()
     with torch.no_grad():
         expected, inner_expected = model(x1), model(x2)
-        inner = []
+        inner, calls = [], []
 
         def reenter(_module, _args, _output):
-            if not inner:
+            if not calls:  # once: the inner call runs this hook too
+                calls.append(1)
                 inner.append(model(x2))
 
         handle = model.blocks[2].attn.register_forward_hook(reenter)  # while block 2's q/k taps are armed
@@ -176,13 +177,24 @@ def test_hf_checkpointed_layers_do_not_checkpoint_without_grad() -> None:
     from test_hf import make_hf
 
     model = make_hf("ViTForImageClassification")
-    model.gradient_checkpointing_enable()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
     model.train()
     tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    calls = []
+    for layer in model.vit.layers:
+        original = layer._gradient_checkpointing_func
+
+        def spy(*args, original=original, **kwargs):
+            calls.append(torch.is_grad_enabled())
+            return original(*args, **kwargs)
+
+        layer._gradient_checkpointing_func = spy
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "None of the inputs have requires_grad=True" would fail here
         with torch.no_grad():
             model(_batches()[0])
-    loss = model(_batches()[0]).logits.sum()  # with grad it still checkpoints and trains
+    assert calls == []  # HF's own wrapper checks torch.is_grad_enabled(); so do the reducing layers
+    loss = model(_batches()[0]).logits.sum()  # with grad every layer still checkpoints, and it trains
     loss.backward()
-    assert model.classifier.weight.grad is not None
+    assert calls == [True] * 4 and model.classifier.weight.grad is not None
