@@ -20,12 +20,12 @@ class Options:
     method: str = "merge"
     similarity: str = "cosine"
     merge_into_cls: bool = False
-    size_weighted: bool | None = None  # None: the library's default, on for merge
-    prop_attn: bool = True
+    size_weighted: bool = False
+    prop_attn: bool | None = None  # None: the library's default, on for merge and bipartite
 
     def __post_init__(self) -> None:
-        if self.size_weighted is None:
-            self.size_weighted = self.method == "merge"
+        if self.prop_attn is None:
+            self.prop_attn = self.method in ("merge", "bipartite")
 
 
 def eager_attention(attn, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -136,7 +136,7 @@ def reference_logits(
     **options: object,
 ) -> tuple[Tensor, list[list[int]]]:
     """Logits of the patched model computed from an unpatched timm VisionTransformer, plus the token
-    count after every block. Options default as ``patch``'s do (size-weighted merge, proportional attention);
+    count after every block. Options default as ``patch``'s do (proportional attention for merge and bipartite);
     ``size_weighted=False, prop_attn=False`` is the paper's literal method."""
     opt = Options(method=method, merge_into_cls=merge_into_cls, **options)
     tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))

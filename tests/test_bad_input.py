@@ -30,6 +30,7 @@ PATCH_CASES = [
     (dict(method="drop", similarity="l2"), ValueError, "similarity applies to method='merge' only"),
     (dict(method="fuse", size_weighted=True), ValueError, "size_weighted applies to method='merge' only"),
     (dict(prop_attn=1), TypeError, "prop_attn must be a bool"),
+    (dict(method="fuse", prop_attn=True), ValueError, "prop_attn does not apply to method='fuse'"),
     (dict(trace_source="yes"), TypeError, "trace_source must be a bool"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
     (dict(flops=1.0), ValueError, r"flops must be in \(0, 1\)"),
@@ -54,7 +55,7 @@ def test_patch(model: torch.nn.Module, kwargs: dict, error: type, match: str) ->
 
 
 def test_patch_refuses_what_is_not_a_supported_model() -> None:
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         tm.patch("deit_tiny_patch16_224")
     linear = torch.nn.Linear(2, 2)
     with pytest.raises(TypeError, match="tokenmerge_patch supports timm VisionTransformer"):

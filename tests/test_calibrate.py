@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import assert_untouched, model_snapshot
 from timm.models.vision_transformer import VisionTransformer
+from tiny_models import assert_untouched, model_snapshot
 from torch.utils.data import DataLoader, TensorDataset
 
 import tokenmerge_patch as tm

@@ -54,15 +54,15 @@ def test_size_weighted_and_prop_attn_match_reference(images: torch.Tensor) -> No
     literal = dict(size_weighted=False, prop_attn=False)  # the paper's method
     paper = patched_logits(model, images, **literal)
     torch.testing.assert_close(paper, reference_logits(model, images, PLAN, **literal)[0], atol=1e-4, rtol=1e-4)
-    for options in (dict(size_weighted=True, prop_attn=False), dict(size_weighted=False, prop_attn=True), {}):
+    for options in (dict(size_weighted=True, prop_attn=False), {}, dict(size_weighted=True, prop_attn=True)):
         expected, _ = reference_logits(model, images, PLAN, **options)
         actual = patched_logits(model, images, **options)
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
         # and each option really changes the result
         assert not torch.allclose(actual, paper, atol=1e-4)
-    # the default is both on
-    torch.testing.assert_close(patched_logits(model, images), patched_logits(model, images, size_weighted=True))
-    assert tm.patch_config(model).size_weighted and tm.patch_config(model).prop_attn
+    # the default is proportional attention alone
+    torch.testing.assert_close(patched_logits(model, images), patched_logits(model, images, prop_attn=True))
+    assert not tm.patch_config(model).size_weighted and tm.patch_config(model).prop_attn
 
 
 @needs_attn_mask

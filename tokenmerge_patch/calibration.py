@@ -9,9 +9,9 @@ its output embedding). Apply it with ``patch(model, config=plan)``; it is data (
 The search (deterministic; a fixed number of block evaluations, no clock):
 
 1. *Family scan*: for start blocks around ``depth // 4`` and two depth profiles, the schedule "every block from the
-   start keeps the same share of its tokens (or a share falling with depth), the last block keeps one token"
-   solved to the budget; the one with the lowest divergence is the starting point. (With a class-token head the
-   last block's patch tokens feed nothing after it, so they cost FLOPs and no accuracy.)
+   start keeps the same share of its tokens (or a share falling with depth)" solved to the budget, with the last
+   block keeping one token when the model has a class-token head (its patch tokens feed nothing after it); the one
+   with the lowest divergence is the starting point. The data-free rule of ``patch(flops=...)`` is one of them.
 2. *Budget moves*: for each block, the divergence of keeping a little more and of keeping a little less; the
    blocks where more tokens buy most and where fewer cost least trade FLOPs (the cheaper block re-solved to
    stay inside the budget) while the divergence falls; the step halves when no trade helps.
@@ -31,9 +31,9 @@ True
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from numbers import Integral
 
 import torch
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .backends import find_backend
-from .budget import TOLERANCE, FlopModel, flop_model, token_counts_for
+from .budget import TOLERANCE, FlopModel, flop_model, rule_keep_rates, token_counts_for
 from .evaluation import parse_batch
 from .flops import count_flops
 from .plan import PatchConfig, check_fraction
@@ -70,19 +70,24 @@ class Candidate:
         )
 
 
-def shaped_rates(depth: int, start: int, cut: float, slope: float = 0.0) -> tuple[float, ...]:
-    """Keep rate ``1 - cut * w(t)`` in blocks ``start .. depth - 2``, with ``w(t) = (1 + slope t) / (1 + slope / 2)``
-    and ``t`` going from 0 to 1 over those blocks (``slope = 0``: one rate for all); the last block keeps one token.
+def shaped_rates(depth: int, start: int, cut: float, slope: float = 0.0, last_one: bool = True) -> tuple[float, ...]:
+    """Keep rate ``1 - cut * w(t)`` in the blocks from ``start`` on, with ``w(t) = (1 + slope t) / (1 + slope / 2)``
+    and ``t`` going from 0 to 1 over them (``slope = 0``: one rate for all); with ``last_one`` the last block keeps
+    one token instead (free with a class-token head).
 
     >>> shaped_rates(5, 2, 0.2)
     (1.0, 1.0, 0.8, 0.8, 0.001)
+    >>> shaped_rates(5, 2, 0.2, last_one=False)
+    (1.0, 1.0, 0.8, 0.8, 0.8)
     """
     rates = [1.0] * depth
-    span = depth - 1 - start
-    for block in range(start, depth - 1):
+    end = depth - 1 if last_one else depth
+    span = end - start
+    for block in range(start, end):
         t = (block - start) / max(span - 1, 1)
         rates[block] = min(1.0, max(TINY, 1.0 - cut * (1.0 + slope * t) / (1.0 + slope / 2.0)))
-    rates[depth - 1] = TINY
+    if last_one:
+        rates[depth - 1] = TINY
     return tuple(rates)
 
 
@@ -171,7 +176,8 @@ class _Runner:
         start, inputs = candidate.first, None
         anchor = self.anchor
         if anchor is not None and anchor.size_weighted == candidate.size_weighted:
-            differs = next((i for i, (a, b) in enumerate(zip(anchor.rates, candidate.rates)) if a != b), None)
+            pairs = enumerate(zip(anchor.rates, candidate.rates, strict=True))
+            differs = next((i for i, (a, b) in pairs if a != b), None)
             if differs is None:
                 differs = len(candidate.rates) - 1
             if differs > anchor.first:
@@ -259,7 +265,7 @@ def calibrate(
     images: int = 256,
     batch_size: int = 64,
     method: str = "merge",
-    prop_attn: bool = True,
+    prop_attn: bool | None = None,
     max_block_runs: int | None = None,
     progress: bool = True,
 ) -> PatchConfig:
@@ -274,8 +280,8 @@ def calibrate(
         images: how many images of ``data`` to use (the first ones).
         batch_size: images per forward.
         method: the reduction (``"merge"``, the default, is what the search is tuned for).
-        prop_attn: proportional attention after merges (recommended).
-        max_block_runs: the search's budget, in block evaluations of all the calibration images (default: 50
+        prop_attn: proportional attention after merges (``None``: as :func:`~tokenmerge_patch.patch` defaults it).
+        max_block_runs: the search's budget, in block evaluations of all the calibration images (default: 30
             full forwards' worth); the result depends on it but on nothing else (no clock).
         progress: show progress bars.
 
@@ -300,7 +306,7 @@ def calibrate(
         isinstance(max_block_runs, bool) or not isinstance(max_block_runs, Integral) or max_block_runs < 1
     ):
         raise ValueError(f"max_block_runs must be an int >= 1 or None, got {max_block_runs!r}")
-    base = _validated_config(depth, None, 0.7, method, "cosine", False, None, prop_attn, False, 0)
+    base = _validated_config(depth, None, 0.7, method, "cosine", False, False, prop_attn, False, 0)
     backend.check(model, replace(base, layers=tuple(range(depth)), keep_rates=(1.0,) * depth))
     if depth < 3:
         raise ValueError(f"calibrate needs a model with at least 3 blocks, this one has {depth}")
@@ -309,7 +315,7 @@ def calibrate(
     param = next(model.parameters(), None)
     if param is not None:
         calibration = calibration.to(param.device, param.dtype)
-    budget = int(max_block_runs) if max_block_runs is not None else 50 * depth
+    budget = int(max_block_runs) if max_block_runs is not None else 30 * depth
 
     def search() -> PatchConfig:
         with eval_mode(model):
@@ -349,17 +355,28 @@ def _search(
         return runner.block_runs >= budget
 
     # 1. family scan
+    last_one = backend.class_token_head(model)
     quarter = max(1, depth // 4)
     best: tuple[float, Candidate] | None = None
     for start in sorted({max(1, quarter - 1), quarter, min(depth - 2, quarter + 1)}):
         for slope in (0.0, 1.5):
-            rates = solve_scalar(lambda cut: shaped_rates(depth, start, cut, slope), share, aim, 0.0, 1.0)
+            shape = partial(shaped_rates, depth, start, slope=slope, last_one=last_one)  # shape(cut)
+            rates = solve_scalar(shape, share, aim, 0.0, 1.0)
             if rates is None:
                 continue
             candidate = Candidate(rates, base.size_weighted)
             divergence = runner.evaluate(candidate)
             if best is None or divergence < best[0]:
                 best = (divergence, candidate)
+    try:  # the data-free rule of patch(flops=...) competes too, so calibrating never does worse on these images
+        layers, keep_rates = rule_keep_rates(flops_of, depth, base.method, last_one, aim)
+        rule = dict(zip(layers, keep_rates, strict=True))
+        candidate = Candidate(tuple(rule.get(i, 1.0) for i in range(depth)), base.size_weighted)
+        divergence = runner.evaluate(candidate)
+        if best is None or divergence < best[0]:
+            best = (divergence, candidate)
+    except ValueError:
+        pass
     if best is None:
         raise ValueError(f"flops={fraction}: below what reducing every block can reach for this model")
     _, plan = best
@@ -373,7 +390,7 @@ def _search(
         now = share(rates)
         gain: dict[int, float] = {}  # divergence saved per FLOP spent, by keeping more in a block
         cost: dict[int, float] = {}  # divergence added per FLOP saved, by keeping less
-        for block in range(max(0, plan.first - 1), depth - 1):
+        for block in range(max(0, plan.first - 1), depth - last_one):
             if rates[block] < 1.0:
                 looser = _with_rate(rates, block, rates[block] + step)
                 extra = share(looser) - now
@@ -394,7 +411,8 @@ def _search(
             if cost[b] >= gain[a] or spent():
                 break
             looser = _with_rate(rates, a, rates[a] + step)
-            moved = solve_scalar(lambda c: _with_rate(looser, b, rates[b] - c), share, aim, 0.0, rates[b] - TINY)
+            tightened = partial(_tightened, looser, b, rates[b])  # tightened(c): block b keeps rates[b] - c
+            moved = solve_scalar(tightened, share, aim, 0.0, rates[b] - TINY)
             if moved is None:
                 continue
             candidate = replace(plan, rates=moved)
@@ -413,6 +431,10 @@ def _search(
             plan = other
     bar.close()
     return _fit_budget(model, plan.config(base), fraction, input_size, flops_of.total)
+
+
+def _tightened(rates: Sequence[float], block: int, rate: float, cut: float) -> tuple[float, ...]:
+    return _with_rate(rates, block, rate - cut)
 
 
 def _with_rate(rates: Sequence[float], block: int, rate: float) -> tuple[float, ...]:

@@ -38,7 +38,7 @@ class PatchConfig:
     method: str = "merge"
     similarity: str = "cosine"
     merge_into_cls: bool = False
-    size_weighted: bool = True
+    size_weighted: bool = False
     prop_attn: bool = True
     trace_source: bool = False
     seed: int = 0
@@ -120,6 +120,10 @@ class PatchConfig:
                     raise ValueError(f"{name} applies to method='merge' only, got method={self.method!r}")
             if self.similarity != "cosine":
                 raise ValueError(f"similarity applies to method='merge' only, got method={self.method!r}")
+        if self.method == "fuse" and self.prop_attn:
+            from .patch import FUSE_PROP_ATTN
+
+            raise ValueError(FUSE_PROP_ATTN)
         if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, Integral)):

@@ -31,6 +31,10 @@ class Backend(Protocol):
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         """``(channels, height, width)`` of the images the model is built for."""
 
+    def class_token_head(self, model: nn.Module) -> bool:
+        """Whether the model's output reads only the prefix tokens after its last block (a class-token head):
+        then the last block's patch tokens feed nothing, and reducing them to one costs no accuracy."""
+
     def tokens_of(self, block_output: object) -> int:
         """Number of tokens in what a block returned."""
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..records import record_of, record_sizes, tag
-from ..reduce import size_weighted_mean
+from ..reduce import exporting, size_weighted_mean
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
@@ -140,6 +140,14 @@ def _layout(layer: nn.Module, index: int | None = None) -> LayerLayout:
     return layout
 
 
+def _mask_outside_export(mask: Tensor | None) -> Tensor | None:
+    """The mask a layer got, or ``None`` under ``torch.export`` / ``torch.onnx.export``: there transformers cannot
+    look at a mask's values, so for a model called without ``attention_mask`` it materialises the all-visible
+    ``[B, 1, N, N]`` mask that it skips (``None``) in eager. A patched layer cannot honour a full-sequence mask
+    anyway (eager refuses a real one), so export the model called with the image alone."""
+    return None if exporting() else mask
+
+
 class ReducingLayerForward:
     """Replaces a reducing layer's ``forward`` (an instance attribute: the layer stays the same object with the same
     submodules, and forward hooks on it, such as ``output_hidden_states`` capture, see the reduced output)."""
@@ -151,7 +159,7 @@ class ReducingLayerForward:
         self.taps = (OutputTap(attention.q_proj), OutputTap(attention.k_proj))
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
-        refuse_masks(self.index, attention_mask, name="attention_mask")
+        refuse_masks(self.index, _mask_outside_export(attention_mask), name="attention_mask")
         check_device(hidden_states, getattr(self.layer, self.layout.attention).q_proj.weight)
         layer = self.layer
         # what the class-level forward would have done (HF's wrapper also skips checkpointing without grad)
@@ -192,6 +200,7 @@ class LaterLayerForward:
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
         state = self.state
+        attention_mask = _mask_outside_export(attention_mask)
         record = state.incoming(self.index, hidden_states)
         bias = state.attention_bias(record, hidden_states)
         if bias is not None:
@@ -295,6 +304,12 @@ class HFBackend:
         size = config.image_size
         height, width = (size, size) if isinstance(size, int) else size
         return int(config.num_channels), int(height), int(width)
+
+    def class_token_head(self, model: nn.Module) -> bool:
+        # classifiers on the class (and distillation) token, and CLIP's projected class token; base models return
+        # every token and Dinov2ForImageClassification also averages the patch tokens
+        names = ("ViTForImageClassification", "DeiTForImageClassification", "CLIPVisionModelWithProjection")
+        return any(cls.__name__.startswith(names) for cls in type(model).__mro__ if cls in _registry().models)
 
     def tokens_of(self, block_output: object) -> int:
         return (block_output[0] if isinstance(block_output, (tuple, list)) else block_output).shape[1]

@@ -111,3 +111,30 @@ def check_overridable(module: nn.Module, where: str, own: tuple[type, ...]) -> N
             f"{where} already has an instance-level forward ({current!r}, e.g. a wrapper or an offloading hook); "
             "tokenmerge_patch would bypass it. Remove it before patching."
         )
+
+
+class ScriptingRefused:
+    """Set as ``__prepare_scriptable__`` on a patched model and on every module whose forward a patch replaced:
+    ``torch.jit.script`` calls it before compiling anything, so scripting fails with this message instead of an
+    internal ``AttributeError`` (``__globals__``) on the patch's Python forwards."""
+
+    def __call__(self) -> nn.Module:
+        raise RuntimeError(
+            "torch.jit.script cannot compile a model patched by tokenmerge_patch: its reducing blocks run Python "
+            "objects as forwards and carry per-forward bookkeeping on the token tensors, which TorchScript does not "
+            "support. Use torch.compile, torch.export.export (the batch dimension can stay dynamic) or "
+            "tokenmerge_patch.export_onnx / torch.onnx.export(..., dynamo=True) instead, or script the model "
+            "unpatched (tokenmerge_patch.unpatch)."
+        )
+
+    def __repr__(self) -> str:
+        return "ScriptingRefused()"
+
+
+def refuse_scripting(state: TokenMergeState, model: nn.Module) -> None:
+    """Install :class:`ScriptingRefused` on ``model`` and on every module ``state`` gave a forward (undone with the
+    rest of the patch), so scripting the model or any patched part of it is refused clearly."""
+    modules = {id(model): model}
+    modules |= {id(module): module for module, name, _ in state._overrides if name == "forward"}
+    for module in modules.values():
+        state.override(module, "__prepare_scriptable__", ScriptingRefused())

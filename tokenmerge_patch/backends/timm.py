@@ -206,6 +206,9 @@ class TimmBackend:
         embed = model.patch_embed
         return (int(embed.proj.in_channels), *(int(v) for v in embed.img_size))
 
+    def class_token_head(self, model: nn.Module) -> bool:
+        return model.global_pool == "token" and getattr(model, "attn_pool", None) is None
+
     def tokens_of(self, block_output: object) -> int:
         return block_output.shape[1]
 
