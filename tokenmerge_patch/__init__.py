@@ -12,6 +12,7 @@ torch.Size([2, 1000])
 """
 
 from .calibration import calibrate
+from .export import export_onnx
 from .finetune import EpochStats, StepInfo, finetune
 from .flops import FlopReport, count_flops
 from .patch import (
@@ -38,6 +39,7 @@ __all__ = [
     "calibrate",
     "count_flops",
     "default_layers",
+    "export_onnx",
     "finetune",
     "is_patched",
     "kept_count",

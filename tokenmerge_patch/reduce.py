@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -84,15 +85,67 @@ def class_attention(q: Tensor, k: Tensor, scale: float, attn_bias: Tensor | None
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", lambda: False)  # older torch: no flag
+
+
+def exporting() -> bool:
+    """Whether this forward is being captured by ``torch.export.export`` (which ``torch.onnx.export(dynamo=True)``
+    runs): then the reduction uses only operators that export. Not under ``torch.compile``, ``torch.jit.trace``
+    (fvcore's count) or eager."""
+    return _IS_EXPORTING()
+
+
+def refuse_legacy_onnx_export() -> None:
+    """The TorchScript-based ``torch.onnx.export(..., dynamo=False)`` records Python ints as constants where the
+    reduction needs sizes (Hugging Face models then fail at other batch sizes) and turns ``index_add_`` into a
+    scatter that drops repeated indices (merges would be wrong): refuse it."""
+    onnx = sys.modules.get("torch.onnx")  # only a program that exports has imported it
+    if onnx is not None and torch.jit.is_tracing() and not exporting() and onnx.is_in_onnx_export():
+        raise RuntimeError(
+            "torch.onnx.export(..., dynamo=False), the TorchScript-based exporter, cannot export a model patched by "
+            "tokenmerge_patch. Use the default dynamo exporter: torch.onnx.export(model, (x,), path, dynamo=True, "
+            "dynamic_shapes=({0: 'batch'},)), or tokenmerge_patch.export_onnx(model, path)."
+        )
+
+
+def descending_order(values: Tensor) -> Tensor:
+    """``values.argsort(dim=1, descending=True, stable=True)`` for ``[B, n]`` values: ties keep the lower index first.
+
+    Exporters have no stable sort (``aten.sort.stable`` has no ONNX translation), and a non-stable sort or ``topk``
+    breaks ties differently in eager PyTorch, so under export the order is computed without sorting: each value's
+    rank is how many values precede it (larger, or equal at a lower index), and a scatter inverts the ranks: exactly
+    the eager order, for n^2 comparisons per image (the block's attention costs about n^2 * D multiply-adds). Eager
+    keeps the stable sort, which is faster there.
+
+    >>> v = torch.tensor([[0.1, 0.4, 0.1, 0.4]])
+    >>> descending_order(v), _descending_order_by_rank(v)
+    (tensor([[1, 3, 0, 2]]), tensor([[1, 3, 0, 2]]))
+    """
+    if exporting():
+        return _descending_order_by_rank(values)
+    return values.argsort(dim=1, descending=True, stable=True)
+
+
+def _descending_order_by_rank(values: Tensor) -> Tensor:
+    count = values.shape[1]
+    position = torch.arange(count, device=values.device)
+    mine, theirs = values.unsqueeze(2), values.unsqueeze(1)  # [B, n, 1] against [B, 1, n]
+    lower_index = position.unsqueeze(0) < position.unsqueeze(1)  # [n, n]: j < i
+    before = (theirs > mine) | ((theirs == mine) & lower_index)
+    rank = before.sum(dim=2)  # [B, n]: a permutation of 0..n-1 (for values without NaN)
+    return torch.zeros_like(rank).scatter(1, rank, position.expand_as(rank))
+
+
 def split_crucial(patch_scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
     """Indices of the ``keep`` highest-scoring patch tokens (ascending, so spatial order survives)
-    and of the others (in descending score order).
+    and of the others (in descending score order); equal scores rank the lower index first.
 
     >>> s = torch.tensor([[0.1, 0.4, 0.2, 0.3]])
     >>> split_crucial(s, 2)
     (tensor([[1, 3]]), tensor([[2, 0]]))
     """
-    order = patch_scores.argsort(dim=1, descending=True, stable=True)
+    order = descending_order(patch_scores)
+    # distinct integers: any sort gives the same (and aten.sort.default exports, as ONNX TopK)
     return order[:, :keep].sort(dim=1).values, order[:, keep:]
 
 
@@ -145,18 +198,30 @@ def assign_to_targets(
     if similarity == "attention":
         return attention_assignment(q, k, scale, other_x, target_x, attn_bias)
     if similarity == "random":
+        if exporting():
+            raise NotImplementedError(
+                "similarity='random' cannot be exported: it draws from a seeded torch.Generator at run time, which "
+                "torch.export and ONNX cannot capture. Export a model patched with another similarity "
+                "('cosine', 'l1', 'l2' or 'attention')."
+            )
         generator = torch.Generator(device=x.device).manual_seed(seed)
         return torch.randint(target_x.shape[1], other_x.shape, generator=generator, device=x.device)
     tokens, targets = gather_tokens(x, other_x), gather_tokens(x, target_x)
     if similarity == "cosine":
         return cosine_assignment(tokens, targets)
-    norm = {"l1": 1.0, "l2": 2.0}[similarity]
-    return torch.cdist(tokens.float(), targets.float(), p=norm).argmin(dim=-1)
+    tokens, targets = tokens.float(), targets.float()
+    if exporting():  # aten._cdist_forward has no ONNX translation: the distances written out ([B, M, K, C])
+        difference = tokens.unsqueeze(2) - targets.unsqueeze(1)
+        distance = difference.abs().sum(dim=-1) if similarity == "l1" else difference.square().sum(dim=-1)
+        return distance.argmin(dim=-1)
+    return torch.cdist(tokens, targets, p={"l1": 1.0, "l2": 2.0}[similarity]).argmin(dim=-1)
 
 
 def group_sum(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
     """``out[b, g] = sum_{i: group[b, i] = g} values[b, i]`` for ``values`` ``[B, M]`` or ``[B, M, C]``."""
     batch, members = group.shape
+    if values.dim() == 2:  # one number per token: no flattening, which copies a sliced [B, M] (and guards B == 1)
+        return values.new_zeros(batch, num_groups).scatter_add_(1, group, values)
     flat_group = (group + torch.arange(batch, device=group.device).unsqueeze(1) * num_groups).reshape(-1)
     flat = values.reshape(batch * members, *values.shape[2:])
     out = flat.new_zeros(batch * num_groups, *values.shape[2:]).index_add_(0, flat_group, flat)
@@ -249,6 +314,7 @@ def reduce_tokens(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    refuse_legacy_onnx_export()
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if not 0.0 < keep_rate <= 1.0:
@@ -375,7 +441,7 @@ def _bipartite(x: Tensor, k: Tensor, num_prefix: int, merges: int, sizes: Tensor
     metric = F.normalize(k.mean(dim=1)[:, num_prefix:].float(), dim=-1)  # [B, n, d]
     similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, |A|, |B|]
     best, match = similarity.max(dim=-1)
-    merged_a = best.argsort(dim=-1, descending=True, stable=True)[:, :merges]  # indices into A
+    merged_a = descending_order(best)[:, :merges]  # indices into A
     survives = torch.ones(batch, num_patches, dtype=torch.bool, device=x.device)
     survives.scatter_(1, 2 * merged_a, torch.zeros_like(merged_a, dtype=torch.bool))
     rank = survives.long().cumsum(dim=1) - 1  # output slot of each survivor, in spatial order
@@ -389,7 +455,7 @@ def _bipartite(x: Tensor, k: Tensor, num_prefix: int, merges: int, sizes: Tensor
     out_sizes = torch.cat([sizes[:, :num_prefix], group_sum(patch_sizes, group, num_out)], dim=1)
     if source is not None:
         source = move_source(source, num_prefix, num_tokens, None, group + num_prefix)
-    keep_index = (~survives).to(torch.uint8).argsort(dim=1, stable=True)[:, :num_out]  # no host sync
+    keep_index = descending_order(survives.to(torch.uint8))[:, :num_out]  # survivors first, in order; no host sync
     return Reduced(out, out_sizes, source, keep_index)
 
 
@@ -405,15 +471,16 @@ def move_source(
         position: where they land: ``[B, K]`` (or ``[B, N_patch]`` with ``patches=None``), or an int
             offset added to ``arange(K)``.
     """
-    batch = source.shape[0]
-    new_position = torch.full((batch, num_tokens), -1, dtype=torch.long, device=source.device)
-    new_position[:, :num_prefix] = torch.arange(num_prefix, device=source.device)
+    batch, device = source.shape[0], source.device
     if patches is None:
-        new_position[:, num_prefix:] = position
+        patch_position = position
     else:
         if isinstance(position, int):
-            position = torch.arange(position, position + patches.shape[1], device=source.device).expand(batch, -1)
-        new_position.scatter_(1, patches + num_prefix, position)
+            position = torch.arange(position, position + patches.shape[1], device=device).expand(batch, -1)
+        patch_position = torch.full((batch, num_tokens - num_prefix), -1, dtype=torch.long, device=device)
+        patch_position = patch_position.scatter(1, patches, position)
+    # built with cat, not by assigning into slices: a broadcasting copy_ would make torch.export guard on B == 1
+    new_position = torch.cat([torch.arange(num_prefix, device=device).expand(batch, -1), patch_position], dim=1)
     return torch.where(source >= 0, new_position.gather(1, source.clamp(min=0)), source)
 
 
