@@ -14,9 +14,16 @@ import torch
 from tokenmerge_patch.checkpoint import hub_reachable, load_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Quick or partial runs write ``{stem}_quick.*`` (git-ignored) so they never overwrite the committed full
+# results the README shows.
+QUICK_SUFFIX = "_quick"
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEFAULT_CHECKPOINT = SHARED / "models" / "vit_mnist_tiny"
 DEFAULT_DATA = f"mnist:{SHARED / 'data' / 'mnist'}"
+# a real ImageNet-1k DeiT-Tiny and 1000 ImageNet validation images (one per class) beside the checkout
+IMAGENET_MODEL = SHARED / "models" / "deit_tiny_in1k"
+IMAGENET_DIR = SHARED / "data" / "imagenet_samples"
+IMAGENET_ARCH = "deit_tiny_patch16_224"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
@@ -67,6 +74,18 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def output_stem(stem: str | None, default: str, *, full: bool) -> str:
+    """The file stem a run writes: ``stem`` when given (``--stem``); else ``default``, the committed name, for
+    the full run and ``default + "_quick"`` for any quick or partial one.
+
+    >>> output_stem(None, "flops", full=True), output_stem(None, "flops", full=False), output_stem("x", "y", full=False)
+    ('flops', 'flops_quick', 'x')
+    """
+    if stem is not None:
+        return stem
+    return default if full else default + QUICK_SUFFIX
+
+
 def parse_floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -101,3 +120,18 @@ def write_outputs(out: Path, stem: str, rows: Sequence[dict], columns: Sequence[
         writer.writeheader()
         writer.writerows(rows)
     (out / f"{stem}.md").write_text(markdown + "\n")
+
+
+def imagenet_available() -> bool:
+    """Whether ../shared has the ImageNet DeiT-Tiny and its sample images."""
+    return (IMAGENET_MODEL / "model.safetensors").is_file() and (IMAGENET_DIR / "val").is_dir()
+
+
+def load_imagenet_model(folder: Path = IMAGENET_MODEL, arch: str = IMAGENET_ARCH) -> torch.nn.Module:
+    """The real ImageNet DeiT-Tiny of ../shared: timm's architecture with ``folder/model.safetensors`` loaded
+    strictly, in eval mode."""
+    from safetensors.torch import load_file
+
+    model = timm.create_model(arch, pretrained=False)
+    model.load_state_dict(load_file(Path(folder) / "model.safetensors"))
+    return model.eval()

@@ -1,0 +1,111 @@
+"""The ImageNet mode of benchmarks/accuracy.py: which files a run writes, and a quick run on a tiny subset of the
+real DeiT-Tiny and images of ../shared that writes only to a temporary folder."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+from tiny_models import SHARED
+
+import tokenmerge_patch as tm
+from tokenmerge_patch.plan import PatchConfig
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+IMAGENET_MODEL = SHARED / "models" / "deit_tiny_in1k" / "model.safetensors"
+IMAGENET_IMAGES = SHARED / "data" / "imagenet_samples" / "val"
+needs_imagenet = pytest.mark.skipif(
+    not (IMAGENET_MODEL.is_file() and IMAGENET_IMAGES.is_dir()),
+    reason=f"../shared ImageNet DeiT-Tiny (models/deit_tiny_in1k) and images (data/imagenet_samples) not found at "
+    f"{SHARED}",
+)
+
+
+def load_accuracy():
+    spec = importlib.util.spec_from_file_location("benchmark_accuracy_imagenet", BENCHMARKS / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} if folder.is_dir() else {}
+
+
+def test_output_names(tmp_path: Path) -> None:
+    """Only the full run writes the committed names; --quick and any other setting write *_quick.*."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "images").mkdir()
+    where = ["--imagenet", "--model-dir", str(tmp_path / "model"), "--images", str(tmp_path / "images")]
+    accuracy = load_accuracy()
+    full = accuracy.parse_imagenet_args(where)
+    assert (full.stem, full.plans_stem) == ("accuracy_imagenet", "accuracy_imagenet_plans")
+    assert (full.eval_images, full.calib_images, full.budgets) == (500, 256, [0.8, 0.65, 0.5])
+    quick = accuracy.parse_imagenet_args([*where, "--quick"])
+    assert (quick.stem, quick.plans_stem) == ("accuracy_imagenet_quick", "accuracy_imagenet_plans_quick")
+    assert (quick.eval_images, quick.calib_images, quick.budgets) == (100, 64, [0.65])
+    for other in (["--eval-images", "50"], ["--budgets", "0.5"], ["--methods", "paper"], ["--calib-block-runs", "9"]):
+        assert accuracy.parse_imagenet_args([*where, *other]).stem == "accuracy_imagenet_quick"
+    assert accuracy.parse_imagenet_args([*where, "--stem", "mine"]).plans_stem == "mine_plans"
+    with pytest.raises(SystemExit):
+        accuracy.parse_imagenet_args([*where, "--methods", "paper,nonsense"])
+    with pytest.raises(SystemExit):
+        accuracy.parse_imagenet_args(["--imagenet", "--model-dir", str(tmp_path / "nowhere")])
+
+
+@needs_imagenet
+@pytest.mark.slow
+def test_quick_run_on_a_tiny_subset(tmp_path: Path) -> None:
+    before = snapshot(RESULTS)
+    methods = "paper,default,tome,rule" + (",calibrated" if hasattr(tm, "calibrate") else "")
+    args = ["--imagenet", "--quick", "--eval-images", "6", "--calib-images", "4", "--budgets", "0.65"]
+    args += ["--methods", methods, "--calib-block-runs", "24", "--workers", "0", "--batch-size", "6"]
+    rows = load_accuracy().main([*args, "--out", str(tmp_path)])
+    assert snapshot(RESULTS) == before  # the committed results are untouched
+
+    keys = ["unpatched", *methods.split(",")]
+    assert [row["key"] for row in rows] == keys
+    base = rows[0]
+    assert base["images"] == 6 and base["agree %"] == 100 and base["FLOPs"] == 1 and round(base["GFLOPs"], 2) == 1.26
+    by_key = {row["key"]: row for row in rows}
+    for key in ("paper", "rule", "calibrated"):
+        if key in by_key:
+            assert 0.64 <= by_key[key]["FLOPs"] <= 0.65, key
+    paper, default = by_key["paper"], by_key["default"]
+    assert paper["layers"] == default["layers"] == "3,6,9" and paper["keep rates"] == default["keep rates"]
+    assert (paper["size_weighted"], paper["prop_attn"], paper["flags"]) == (False, False, "plain")
+    defaults = tm.patch_config(tm.patch(timm.create_model("vit_tiny_patch16_224", img_size=32)))
+    assert (default["size_weighted"], default["prop_attn"]) == (defaults.size_weighted, defaults.prop_attn)
+    assert by_key["tome"]["FLOPs"] <= 0.65 and by_key["tome"]["keep rates"].startswith("r=")
+    assert by_key["tome"]["layers"] == "0–11"
+
+    names = {p.name for p in tmp_path.iterdir()}
+    stem = "accuracy_imagenet_quick"
+    assert names == {f"{stem}.csv", f"{stem}.md", f"{stem}.png", "accuracy_imagenet_plans_quick.json"}
+    with open(tmp_path / f"{stem}.csv") as handle:
+        assert [row["key"] for row in csv.DictReader(handle)] == keys
+    text = (tmp_path / f"{stem}.md").read_text()
+    assert "**evaluation** (every top-1 and agreement below): 6 of the 500 images of the odd class indices" in text
+    assert "| 0.65 | merge, paper's (plain eq. 4) | plain | 3,6,9 |" in text
+    assert (tmp_path / f"{stem}.png").stat().st_size > 10_000
+
+    record = json.loads((tmp_path / "accuracy_imagenet_plans_quick.json").read_text())
+    evaluation = record["evaluation_images"]
+    assert len(evaluation) == 6 and [row["key"] for row in record["rows"]] == keys
+    for row in record["rows"][1:]:
+        PatchConfig.from_dict(row["plan"])  # every plan is data that round-trips
+    if "calibrated" in by_key:
+        calibration = record["calibration_images"]
+        assert len(calibration) == 4 and not set(calibration) & set(evaluation)
+        assert "**calibration** (`tm.calibrate` only, never evaluated on): 4 of the 500 images" in text
+        plan = PatchConfig.from_dict(record["calibrated"]["0.65"]["plan"])
+        assert record["rows"][-1]["plan"] == plan.to_dict()  # the plan the calibrated row was evaluated with
+        assert record["calibrated"]["0.65"]["seconds"] > 0 and by_key["calibrated"]["calib s"] > 0
