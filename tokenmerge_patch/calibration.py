@@ -15,7 +15,9 @@ The search (deterministic; a fixed number of block evaluations, no clock):
 2. *Budget moves*: for each block, the divergence of keeping a little more and of keeping a little less; the
    blocks where more tokens buy most and where fewer cost least trade FLOPs (the cheaper block re-solved to
    stay inside the budget) while the divergence falls; the step halves when no trade helps.
-3. Whether the size-weighted merge helps this plan (off or on, the lower divergence wins).
+3. Whether the size-weighted merge helps (off or on). Every fourth calibration image is held out of steps 1-2:
+   the plan returned is whichever of the search's start, its end and their size-weighting twins diverges least
+   on those images, so budget moves that only fit the search images are dropped.
 
 Every evaluation reruns only the blocks a candidate changes: the unpatched model's block inputs are cached once,
 and so are the current best plan's (their merge records travel with them), so a candidate that first differs from
@@ -36,6 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from numbers import Integral
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +53,13 @@ from .plan import PatchConfig, check_fraction
 from .utils import eval_mode
 
 TINY = 1e-3  # a keep rate that leaves one patch token
+
+
+class Score(NamedTuple):
+    """Mean divergence from the unpatched model on the images the search decides by, and on the held-out ones."""
+
+    search: float
+    held: float
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,8 @@ class _Runner:
         self.blocks = list(self.backend.blocks(model))
         self._install, self._unpatch = _install, unpatch
         self.chunks = list(images.split(batch_size))
-        self.count = len(images)
+        # every 4th image is held out of the search: it only decides whether the search's moves beat its start
+        self.held_out = torch.arange(len(images)) % 4 == 3 if len(images) >= 8 else torch.zeros(len(images), dtype=bool)
         self.block_runs = 0.0
         unpatch(model)
         self.targets: list[Tensor] = []
@@ -166,14 +177,22 @@ class _Runner:
         else:
             self._unpatch(self.model)
 
-    def _divergence(self, chunk: int, output: Tensor) -> float:
+    def _divergence(self, chunk: int, output: Tensor) -> Tensor:
+        """Per image of the chunk: KL(unpatched || patched), or 1 - cosine of the embeddings."""
         target = self.targets[chunk]
-        if self.has_logits:  # KL(unpatched || patched), summed over the chunk
-            return float((target.exp() * (target - output)).sum())
-        return float((1 - (target * output).sum(-1)).sum())
+        if self.has_logits:
+            return (target.exp() * (target - output)).sum(-1)
+        return 1 - (target * output).sum(-1)
 
-    def evaluate(self, candidate: Candidate) -> float:
-        """Mean divergence of ``candidate`` from the unpatched model."""
+    def _score(self, per_image: list[Tensor]) -> Score:
+        divergence = torch.cat(per_image).double()
+        held = self.held_out
+        if not held.any():
+            return Score(float(divergence.mean()), float(divergence.mean()))
+        return Score(float(divergence[~held].mean()), float(divergence[held].mean()))
+
+    def evaluate(self, candidate: Candidate) -> Score:
+        """Mean divergence of ``candidate`` from the unpatched model, on the search and the held-out images."""
         start, inputs = candidate.first, None
         anchor = self.anchor
         if anchor is not None and anchor.size_weighted == candidate.size_weighted:
@@ -185,23 +204,24 @@ class _Runner:
                 start, inputs = differs, self.anchor_inputs
         inputs = inputs or self.base_inputs
         self._apply(candidate)
-        total = 0.0
-        for index, chunk in enumerate(self.chunks):
-            total += self._divergence(index, self._run_from(start, chunk, inputs[index][start]))
+        per_image = [
+            self._divergence(index, self._run_from(start, chunk, inputs[index][start]))
+            for index, chunk in enumerate(self.chunks)
+        ]
         self.block_runs += len(self.blocks) - start
-        return total / self.count
+        return self._score(per_image)
 
-    def set_anchor(self, candidate: Candidate) -> float:
+    def set_anchor(self, candidate: Candidate) -> Score:
         """Run ``candidate`` fully, caching every block's input (with the records they carry)."""
         self._apply(candidate)
-        total, self.anchor_inputs = 0.0, []
+        per_image, self.anchor_inputs = [], []
         for index, chunk in enumerate(self.chunks):
             inputs, output = self._run_capturing(chunk)
             self.anchor_inputs.append(inputs)
-            total += self._divergence(index, output)
+            per_image.append(self._divergence(index, output))
         self.anchor = candidate
         self.block_runs += len(self.blocks)
-        return total / self.count
+        return self._score(per_image)
 
 
 def _output_vector(output: object) -> Tensor:
@@ -366,14 +386,14 @@ def _search(
             if rates is None:
                 continue
             candidate = Candidate(rates, base.size_weighted)
-            divergence = runner.evaluate(candidate)
+            divergence = runner.evaluate(candidate).search
             if best is None or divergence < best[0]:
                 best = (divergence, candidate)
     try:  # the data-free rule of patch(flops=...) competes too, so calibrating never does worse on these images
         layers, keep_rates = rule_keep_rates(flops_of, depth, base.method, last_one, aim)
         rule = dict(zip(layers, keep_rates, strict=True))
         candidate = Candidate(tuple(rule.get(i, 1.0) for i in range(depth)), base.size_weighted)
-        divergence = runner.evaluate(candidate)
+        divergence = runner.evaluate(candidate).search
         if best is None or divergence < best[0]:
             best = (divergence, candidate)
     except ValueError:
@@ -381,7 +401,8 @@ def _search(
     if best is None:
         raise ValueError(f"flops={fraction}: below what reducing every block can reach for this model")
     _, plan = best
-    score = runner.set_anchor(plan)
+    start, start_score = plan, runner.set_anchor(plan)
+    score = start_score.search
     spent()
 
     # 2. budget moves
@@ -396,12 +417,12 @@ def _search(
                 looser = _with_rate(rates, block, rates[block] + step)
                 extra = share(looser) - now
                 if extra > 0:
-                    gain[block] = (score - runner.evaluate(replace(plan, rates=looser))) / extra
+                    gain[block] = (score - runner.evaluate(replace(plan, rates=looser)).search) / extra
             if rates[block] - step > TINY:
                 tighter = _with_rate(rates, block, rates[block] - step)
                 saved = now - share(tighter)
                 if saved > 0:
-                    cost[block] = (runner.evaluate(replace(plan, rates=tighter)) - score) / saved
+                    cost[block] = (runner.evaluate(replace(plan, rates=tighter)).search - score) / saved
             if spent():
                 break
         loosen = sorted(gain, key=lambda b: -gain[b])[:3]
@@ -417,19 +438,20 @@ def _search(
             if moved is None:
                 continue
             candidate = replace(plan, rates=moved)
-            divergence = runner.evaluate(candidate)
-            if divergence < score:
+            if runner.evaluate(candidate).search < score:
                 plan, accepted = candidate, True
-                score = runner.set_anchor(plan)
+                score = runner.set_anchor(plan).search
                 break
         if not accepted:
             step /= 2
 
-    # 3. size weighting on or off
+    # 3. size weighting on or off, then the held-out images decide between the search's start and its end
+    finals = [(runner.set_anchor(plan), plan)] if plan != start else []
     if base.method == "merge":
-        other = replace(plan, size_weighted=not plan.size_weighted)
-        if runner.evaluate(other) < score:
-            plan = other
+        for candidate in (start, plan) if plan != start else (start,):
+            other = replace(candidate, size_weighted=not candidate.size_weighted)
+            finals.append((runner.evaluate(other), other))
+    plan = min([(start_score, start), *finals], key=lambda pair: pair[0].held)[1]
     bar.close()
     return _fit_budget(model, plan.config(base), fraction, input_size, flops_of.total)
 
