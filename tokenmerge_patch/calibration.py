@@ -21,8 +21,8 @@ The search (deterministic; a fixed number of block evaluations, no clock):
 
 Every evaluation reruns only the blocks a candidate changes: the unpatched model's block inputs are cached once,
 and so are the current best plan's (their merge records travel with them), so a candidate that first differs from
-it at block ``j`` runs blocks ``j`` onwards (DeiT-T, 256 images: 75-319 s at 0.5-0.8 of the FLOPs on 2 shared
-CPU cores, ``python benchmarks/accuracy.py --imagenet``).
+it at block ``j`` runs blocks ``j`` onwards (DeiT-T, 256 images: 56-122 s at 0.5-0.8 of the FLOPs on 2 CPU
+cores, ``python benchmarks/accuracy.py --imagenet``).
 
 >>> import timm, torch, tokenmerge_patch as tm
 >>> model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=6).eval()
