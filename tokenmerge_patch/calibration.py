@@ -327,7 +327,7 @@ def calibrate(
         isinstance(max_block_runs, bool) or not isinstance(max_block_runs, Integral) or max_block_runs < 1
     ):
         raise ValueError(f"max_block_runs must be an int >= 1 or None, got {max_block_runs!r}")
-    base = _validated_config(depth, None, 0.7, method, "cosine", False, False, prop_attn, False, 0)
+    base = _validated_config(depth, None, 0.7, method=method, prop_attn=prop_attn)
     backend.check(model, replace(base, layers=tuple(range(depth)), keep_rates=(1.0,) * depth))
     if depth < 3:
         raise ValueError(f"calibrate needs a model with at least 3 blocks, this one has {depth}")

@@ -262,21 +262,17 @@ def patch(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     backend = find_backend(model)
     depth = len(backend.blocks(model))
+    options = dict(
+        method=method,
+        similarity=similarity,
+        merge_into_cls=merge_into_cls,
+        size_weighted=size_weighted,
+        prop_attn=prop_attn,
+        trace_source=trace_source,
+        seed=seed,
+    )
     if config is not None:
-        given = [
-            name
-            for name, value in (("layers", layers), ("keep_rate", keep_rate), ("flops", flops))
-            if value is not None
-        ]
-        options = dict(
-            method=method,
-            similarity=similarity,
-            merge_into_cls=merge_into_cls,
-            size_weighted=size_weighted,
-            prop_attn=prop_attn,
-            trace_source=trace_source,
-            seed=seed,
-        )
+        given = [n for n, v in (("layers", layers), ("keep_rate", keep_rate), ("flops", flops)) if v is not None]
         given += [name for name, value in options.items() if value != _OPTION_DEFAULTS[name]]
         if given:
             raise ValueError(f"config= is a whole plan: give it alone, without {', '.join(given)}")
@@ -289,18 +285,8 @@ def patch(
     else:
         if flops is not None and (layers is not None or keep_rate is not None):
             raise ValueError("give either flops= (a FLOPs budget) or layers=/keep_rate=, not both")
-        plan = _validated_config(
-            depth,
-            None if flops is not None else layers,
-            0.7 if keep_rate is None else keep_rate,
-            method,
-            similarity,
-            merge_into_cls,
-            size_weighted,
-            prop_attn,
-            trace_source,
-            seed,
-        )
+        layers = None if flops is not None else layers
+        plan = _validated_config(depth, layers, 0.7 if keep_rate is None else keep_rate, **options)
         if flops is not None:
             fraction = check_fraction(flops, "flops")
             backend.check(model, replace(plan, layers=tuple(range(depth)), keep_rates=(1.0,) * depth))
@@ -350,35 +336,16 @@ def _with_previous_patch_restored(model: nn.Module, backend: Backend, search):
 
 
 def _validated_config(
-    depth: int,
-    layers: LayerSpec,
-    keep_rate: KeepRateSpec,
-    method: str,
-    similarity: str,
-    merge_into_cls: bool,
-    size_weighted: bool,
-    prop_attn: bool | None,
-    trace_source: bool,
-    seed: int,
+    depth: int, layers: LayerSpec, keep_rate: KeepRateSpec, *, prop_attn: bool | None, **options: object
 ) -> PatchConfig:
-    """``patch``'s arguments as a checked plan (``layers``/``keep_rate`` by ``resolve_plan``, the rest by
-    :meth:`PatchConfig.validate`)."""
+    """``patch``'s arguments as a checked plan (``layers``/``keep_rate`` by ``resolve_plan``, the options by
+    :meth:`PatchConfig.validate`; ``prop_attn=None`` is on for merge and bipartite)."""
     if prop_attn is None:
-        prop_attn = method in ("merge", "bipartite")
-    options = PatchConfig(
-        layers=(0,),
-        keep_rates=(1.0,),
-        method=method,
-        similarity=similarity,
-        merge_into_cls=merge_into_cls,
-        size_weighted=size_weighted,
-        prop_attn=prop_attn,
-        trace_source=trace_source,
-        seed=seed,
-    ).validate()
+        prop_attn = options.get("method", "merge") in ("merge", "bipartite")
+    checked = PatchConfig(layers=(0,), keep_rates=(1.0,), prop_attn=prop_attn, **options).validate()
     plan = resolve_plan(depth, layers, keep_rate)
     return replace(
-        options,
+        checked,
         layers=tuple(layer for layer, _ in plan),
         keep_rates=tuple(rate for _, rate in plan),
         depth=depth,
