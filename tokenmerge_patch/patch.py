@@ -115,11 +115,12 @@ class TokenMergeState:
             source=None if record is None else record[1],
             trace_source=config.trace_source,
             seed=config.seed + layer,
+            positions=None if record is None else record[4],
         )
         sizes, source = out.sizes.detach(), None if out.source is None else out.source.detach()
         reduced = (record is not None and record[2]) or out.x.shape[1] < x.shape[1]
         trace = (() if record is None else record[3]) + ((layer, x.shape[1], out.x.shape[1], sizes, source),)
-        return out.x, (sizes, source, reduced, trace)
+        return out.x, (sizes, source, reduced, trace, out.positions)
 
     def publish(self, record: TokenRecord | None) -> None:
         """Make ``record``'s trace what :func:`reduction_trace` reports (called where a forward leaves the blocks).

@@ -5,12 +5,18 @@ the record of the very tensor it is given, so a re-entrant call, a second forwar
 a recomputation under activation checkpointing never reads another forward's sizes. It is a plain tuple of
 tensors and ints, so ``torch.save`` of a tagged tensor still loads with ``weights_only=True``::
 
-    (sizes [B, N] float32, source [B, N0] long | None, reduced: bool, trace: ((layer, in, out, sizes, source), ...))
+    (sizes [B, N] float32, source [B, N0] long | None, reduced: bool, trace: ((layer, in, out, sizes, source), ...),
+     positions [B, N - num_prefix] long | None)
+
+``positions`` says, for each patch token, which row of the model's rotary position table (RoPE models: timm
+``Eva``, Hugging Face DINOv3) it uses: the row of the patch it sits at (a merged token sits at its crucial
+token's patch), or ``-1`` for a token with no position (EViT's fused token), which the rotary embedding leaves
+unrotated, as it does prefix tokens. ``None``: no block has reduced yet, every patch token is at its own row.
 
 >>> import torch
->>> x = tag(torch.zeros(1, 3, 4), (torch.tensor([[1.0, 2.0, 1.0]]), None, True, ()))
->>> record_sizes(record_of(x)), record_of(x.clone())
-(tensor([[1., 2., 1.]]), None)
+>>> x = tag(torch.zeros(1, 3, 4), (torch.tensor([[1.0, 2.0, 1.0]]), None, True, (), torch.tensor([[5, -1]])))
+>>> record_sizes(record_of(x)), record_positions(record_of(x)), record_of(x.clone())
+(tensor([[1., 2., 1.]]), tensor([[ 5, -1]]), None)
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ class LayerRecord:
 def record_of(x: Tensor) -> TokenRecord | None:
     """The record travelling with the tokens ``x`` (``None`` if they carry none)."""
     record = getattr(x, TAG, None)
-    return record if isinstance(record, tuple) and len(record) == 4 else None
+    return record if isinstance(record, tuple) and len(record) == 5 else None
 
 
 def tag(x: Tensor, record: TokenRecord | None) -> Tensor:
@@ -57,3 +63,9 @@ def tag(x: Tensor, record: TokenRecord | None) -> Tensor:
 def record_sizes(record: TokenRecord | None) -> Tensor | None:
     """How many patches each token holds, ``None`` when no block removed a token (every token is one patch)."""
     return None if record is None or not record[2] else record[0]
+
+
+def record_positions(record: TokenRecord | None) -> Tensor | None:
+    """Each patch token's row of the rotary position table (``-1``: none), ``None`` while every patch token is
+    still at its own row (no block has reduced)."""
+    return None if record is None else record[4]

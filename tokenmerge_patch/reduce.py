@@ -254,12 +254,16 @@ class Reduced:
         source: ``[B, N0]`` long or ``None``: for each original patch, the index into ``x`` of the token
             that holds it, ``-1`` if it was dropped.
         keep_index: ``[B, K]`` which input patch tokens were crucial (indices among the patch tokens).
+        positions: ``[B, K]`` (``[B, K + 1]`` for ``"fuse"``) long or ``None``: each output patch token's row of
+            the rotary position table (see :func:`move_positions`); ``None`` when nothing was reduced and no
+            positions were given (every patch token still at its own row).
     """
 
     x: Tensor
     sizes: Tensor
     source: Tensor | None
     keep_index: Tensor
+    positions: Tensor | None = None
 
 
 def reduce_tokens(
@@ -279,6 +283,7 @@ def reduce_tokens(
     source: Tensor | None = None,
     trace_source: bool = False,
     seed: int = 0,
+    positions: Tensor | None = None,
 ) -> Reduced:
     """Keep the crucial tokens and merge (or drop, or fuse) the rest. Batched, differentiable in ``x``,
     ``q`` and ``k``.
@@ -305,6 +310,8 @@ def reduce_tokens(
         source: ``[B, N0]`` source map so far, ``None`` for the identity (with ``trace_source``).
         trace_source: compute the source map.
         seed: seed of ``similarity="random"``.
+        positions: ``[B, N - num_prefix]`` each patch token's row of a rotary position table so far (``-1``:
+            none), ``None`` for ``arange``; followed to the output as :func:`move_positions` says.
 
     >>> x = torch.randn(1, 5, 3); q = k = torch.randn(1, 1, 5, 3)
     >>> reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5, method="drop").x.shape
@@ -330,9 +337,11 @@ def reduce_tokens(
     keep = reduced_patch_count(num_patches, keep_rate, "bipartite" if method == "bipartite" else "merge")
     if keep == num_patches:  # nothing to reduce: the block behaves exactly as unpatched
         all_patches = torch.arange(num_patches, device=x.device).expand(batch, -1)
-        return Reduced(x, sizes, source, all_patches)
+        return Reduced(x, sizes, source, all_patches, positions)
     if method == "bipartite":
-        return _bipartite(x, k, num_prefix, num_patches - keep, sizes, source)
+        out = _bipartite(x, k, num_prefix, num_patches - keep, sizes, source)
+        out.positions = move_positions(positions, out.keep_index, fused=False)
+        return out
 
     scores = class_attention(q, k, scale, attn_bias)  # [B, N]
     keep_index, rest_index = split_crucial(scores[:, num_prefix:], keep)
@@ -376,7 +385,59 @@ def reduce_tokens(
 
     if source is not None:
         source = move_source(source, num_prefix, num_tokens, survivors, landing)
-    return Reduced(out, out_sizes, source, keep_index)
+    return Reduced(out, out_sizes, source, keep_index, move_positions(positions, keep_index, method == "fuse"))
+
+
+def move_positions(positions: Tensor | None, keep_index: Tensor, fused: bool) -> Tensor:
+    """Where each output patch token sits, as a row of the rotary position table (RoPE models).
+
+    Every output patch token of merge, drop and bipartite is one crucial (surviving) token, possibly holding others
+    merged into it: it keeps that token's position (for bipartite, the destination token's), so rotary embeddings
+    stay what they are for a single patch. EViT's fused token is a score-weighted sum of tokens from all over the
+    image and has no position of its own: it gets ``-1``, no rotation (the identity row of :func:`rotary_rows`),
+    as prefix tokens have none.
+
+    Args:
+        positions: ``[B, N_patch]`` the input patch tokens' rows (``-1``: none), ``None`` for ``arange``.
+        keep_index: ``[B, K]`` which input patch tokens survive, in output order.
+        fused: append the fused token's ``-1``.
+
+    >>> move_positions(torch.tensor([[4, 7, 9, 2]]), torch.tensor([[1, 3]]), fused=True)
+    tensor([[ 7,  2, -1]])
+    """
+    out = keep_index if positions is None else positions.gather(1, keep_index)
+    if fused:
+        out = torch.cat([out, torch.full_like(out[:, :1], -1)], dim=1)
+    return out
+
+
+def rotary_rows(table: Tensor, positions: Tensor, identity: Tensor) -> Tensor:
+    """The rows of a rotary position table that the surviving patch tokens use.
+
+    Args:
+        table: one row per patch of the image along dim -2: ``[N, C]``, ``[h, N, C]`` (per head) or ``[B, h, N, C]``
+            (per image, e.g. after timm's patch dropout).
+        positions: ``[B, M]`` row of each patch token (:func:`move_positions`), ``-1`` for the ``identity`` row.
+        identity: ``[C]`` the row that leaves a token unrotated (``sin = 0``, ``cos = 1``).
+
+    Returns:
+        ``[B, h, M, C]`` (``h = 1`` for tables without heads), which broadcasts against queries ``[B, H, M, d]``.
+
+    >>> table = torch.arange(6.0).view(3, 2)
+    >>> rotary_rows(table, torch.tensor([[2, -1, 0]]), torch.tensor([0.0, 1.0]))
+    tensor([[[[4., 5.],
+              [0., 1.],
+              [0., 1.]]]])
+    """
+    while table.dim() < 4:
+        table = table.unsqueeze(0)
+    rows, channels = table.shape[-2], table.shape[-1]
+    extra = identity.to(table.dtype).expand(*table.shape[:-2], 1, channels)
+    table = torch.cat([table, extra], dim=-2)  # the identity as row N
+    batch, count = positions.shape
+    index = torch.where(positions < 0, rows, positions)
+    table = table.expand(batch, -1, -1, -1)
+    return table.gather(2, index[:, None, :, None].expand(batch, table.shape[1], count, channels))
 
 
 def _merge(

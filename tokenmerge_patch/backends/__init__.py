@@ -44,16 +44,17 @@ class Backend(Protocol):
 
 SUPPORTED = (
     "timm VisionTransformer models built from timm's Block and Attention (vit_*, deit_*, "
-    "deit_*_distilled, deit3_*, *_dinov2, register-token models, qk-norm models) and Hugging Face "
-    "transformers ViT, DeiT, Dinov2 and CLIP vision models"
+    "deit_*_distilled, deit3_*, *_dinov2, register-token models, qk-norm models), timm Eva models with a class "
+    "token built from EvaBlock with EvaAttention or AttentionRope (RoPE: eva02_*, *_dinov3, vit_*_rope_*) and "
+    "Hugging Face transformers ViT, DeiT, Dinov2, DINOv3 ViT and CLIP vision models"
 )
 
 
 def _backends() -> list[Backend]:
     # hf.py imports transformers only once it meets a transformers model: timm users never pay for it
-    from . import hf, timm
+    from . import hf, timm, timm_eva
 
-    return [timm.BACKEND, hf.BACKEND]
+    return [timm.BACKEND, timm_eva.BACKEND, hf.BACKEND]
 
 
 def find_backend(model: nn.Module) -> Backend:
