@@ -1,4 +1,4 @@
-"""Hugging Face transformers (>= 5) backend: ViT, DeiT, Dinov2 and CLIP vision models.
+"""Hugging Face transformers (>= 5) backend: ViT, DeiT, Dinov2, DINOv3 ViT and CLIP vision models.
 
 Where the scores come from: the layer's own attention module runs unchanged (``sdpa`` stays fused, ``eager``
 still returns its weights); its queries and keys are read as they leave ``q_proj`` / ``k_proj`` and only the
@@ -6,6 +6,12 @@ class row is recomputed from them. Where the reduction happens: a reducing layer
 ``forward`` that calls the layer's own submodules in its own order (pre-norm, attention, [LayerScale,
 drop path,] residual), reduces, then runs the MLP half. Layer, attention and model classes stay the same, so
 ``output_hidden_states`` / ``output_attentions`` capture (forward hooks keyed by class) keeps working.
+
+Rotary positions (DINOv3): the model computes its ``(cos, sin)`` tables once per forward, one row per patch, and
+passes them to every layer as ``position_embeddings``. The projections' outputs are before the rotation, so a
+reducing layer rotates the queries and keys it read with the model's own ``apply_rotary_pos_emb``; and from the
+first reduction on, each layer gets the rows of its surviving tokens (the positions their record carries, see
+:func:`tokenmerge_patch.reduce.move_positions`; EViT's fused token gets ``cos = 1, sin = 0``, no rotation).
 
 Example:
     >>> import torch, tokenmerge_patch as tm
@@ -21,15 +27,15 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache, partial, reduce
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ..records import record_of, record_sizes, tag
-from ..reduce import exporting, size_weighted_mean
+from ..records import TokenRecord, record_of, record_positions, record_sizes, tag
+from ..reduce import exporting, rotary_rows, size_weighted_mean
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
@@ -37,8 +43,8 @@ if TYPE_CHECKING:
 
 SUPPORTED_HF = (
     "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
-    "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, CLIPVisionModel and "
-    "CLIPVisionModelWithProjection (and subclasses that keep their forward)"
+    "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, DINOv3ViTModel, "
+    "CLIPVisionModel and CLIPVisionModelWithProjection (and subclasses that keep their forward)"
 )
 
 
@@ -64,10 +70,12 @@ CLIP_LAYOUT = LayerLayout("layer_norm1", "self_attn", (), "layer_norm2", "mlp", 
 
 
 class _Registry(NamedTuple):
-    models: dict[type, int]  # supported top-level class -> number of prefix tokens
+    models: dict[type, int | Callable[[object], int]]  # supported top-level class -> prefix tokens (or f(config))
     backbones: dict[type, tuple[str, ...]]  # model.base_model class -> attribute path of its layer list
     layers: dict[type, tuple[LayerLayout, type]]  # layer class -> its layout and attention class
     concat_mean: type  # classifier input is cat([cls, mean of patch tokens])
+    rotary: dict[type, Callable]  # layer class -> the model's apply_rotary_pos_emb(q, k, cos, sin)
+    top_norms: dict[type, str]  # top-level class -> its final norm, when it is not base_model.layernorm
 
 
 @cache
@@ -76,25 +84,32 @@ def _registry() -> _Registry:
     from transformers.models.clip import modeling_clip as clip
     from transformers.models.deit import modeling_deit as deit
     from transformers.models.dinov2 import modeling_dinov2 as dinov2
+    from transformers.models.dinov3_vit import modeling_dinov3_vit as dinov3
     from transformers.models.vit import modeling_vit as vit
 
     models = {vit.ViTModel: 1, vit.ViTForImageClassification: 1, dinov2.Dinov2Model: 1}
     models |= {dinov2.Dinov2ForImageClassification: 1, clip.CLIPVisionModel: 1, clip.CLIPVisionModelWithProjection: 1}
     # every DeiT embedding appends the distillation token: class + distillation token are both prefix tokens
     models |= {deit.DeiTModel: 2, deit.DeiTForImageClassification: 2, deit.DeiTForImageClassificationWithTeacher: 2}
+    # DINOv3: class token, then the register tokens; no absolute position embedding, rotary tables for the patches
+    models[dinov3.DINOv3ViTModel] = lambda config: 1 + int(config.num_register_tokens)
     backbones = {
         vit.ViTModel: ("layers",),
         deit.DeiTModel: ("layers",),
         dinov2.Dinov2Model: ("encoder", "layer"),
         clip.CLIPVisionModel: ("encoder", "layers"),
+        dinov3.DINOv3ViTEncoder: ("layer",),  # DINOv3ViTModel.base_model is its encoder (base_model_prefix "model")
     }
     layers = {
         vit.ViTLayer: (VIT_LAYOUT, vit.ViTAttention),
         deit.DeiTLayer: (VIT_LAYOUT, deit.DeiTAttention),
         dinov2.Dinov2Layer: (DINOV2_LAYOUT, dinov2.Dinov2Attention),
         clip.CLIPEncoderLayer: (CLIP_LAYOUT, clip.CLIPAttention),
+        dinov3.DINOv3ViTLayer: (DINOV2_LAYOUT, dinov3.DINOv3ViTAttention),
     }
-    return _Registry(models, backbones, layers, dinov2.Dinov2ForImageClassification)
+    rotary = {dinov3.DINOv3ViTLayer: dinov3.apply_rotary_pos_emb}
+    top_norms = {dinov3.DINOv3ViTModel: "norm"}
+    return _Registry(models, backbones, layers, dinov2.Dinov2ForImageClassification, rotary, top_norms)
 
 
 def _known_base(cls: type, table: dict[type, object]) -> type | None:
@@ -119,7 +134,35 @@ def _resolve(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int]:
     kind = None if backbone is None else _known_base(type(backbone), registry.backbones)
     if top is None or kind is None:
         raise TypeError(f"tokenmerge_patch supports {SUPPORTED_HF}; got {type(model).__name__}")
-    return backbone, reduce(getattr, registry.backbones[kind], backbone), registry.models[top]
+    num_prefix = registry.models[top]
+    num_prefix = num_prefix(backbone.config) if callable(num_prefix) else num_prefix
+    return backbone, reduce(getattr, registry.backbones[kind], backbone), num_prefix
+
+
+def _sequence_norm(model: nn.Module, backbone: nn.Module) -> nn.Module | None:
+    """The norm applied to the whole sequence after the last layer (it keeps the record), if the model has one."""
+    registry = _registry()
+    top = next((cls for cls in type(model).__mro__ if cls in registry.top_norms), None)
+    norm = getattr(model, registry.top_norms[top]) if top is not None else getattr(backbone, "layernorm", None)
+    return norm if isinstance(norm, nn.Module) else None
+
+
+def _rotary(layer: nn.Module) -> Callable | None:
+    """The model's ``apply_rotary_pos_emb`` if ``layer`` takes rotary ``position_embeddings``, else ``None``."""
+    rotary = _registry().rotary
+    return next((rotary[cls] for cls in type(layer).__mro__ if cls in rotary), None)
+
+
+def _surviving_rotary(kwargs: dict, record: TokenRecord | None) -> dict:
+    """``kwargs`` with ``position_embeddings = (cos, sin)`` cut to the rows of the tokens ``record`` describes."""
+    positions = record_positions(record)
+    tables = kwargs.get("position_embeddings")
+    if positions is None or tables is None:
+        return kwargs
+    cos, sin = tables
+    cos = rotary_rows(cos, positions, cos.new_ones(cos.shape[-1]))
+    sin = rotary_rows(sin, positions, sin.new_zeros(sin.shape[-1]))
+    return {**kwargs, "position_embeddings": (cos, sin)}
 
 
 def _layout(layer: nn.Module, index: int | None = None) -> LayerLayout:
@@ -157,6 +200,7 @@ class ReducingLayerForward:
         attention = getattr(layer, layout.attention)
         # q and k are read as they leave q_proj / k_proj, whose forwards are taps installed next to this one
         self.taps = (OutputTap(attention.q_proj), OutputTap(attention.k_proj))
+        self.rotary = _rotary(layer)
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
         refuse_masks(self.index, _mask_outside_export(attention_mask), name="attention_mask")
@@ -172,10 +216,14 @@ class ReducingLayerForward:
         attention = getattr(layer, layout.attention)
         record = state.incoming(self.index, x)
         bias = state.attention_bias(record, x)
+        if self.rotary is not None:
+            kwargs = _surviving_rotary(kwargs, record)
         normed = getattr(layer, layout.norm1)(x)
         y, taken = read_taps(self.taps, lambda: attention(normed, attention_mask=bias, **kwargs)[0])
         # [B, N, H * d] -> [B, H, N, d], as the attention itself reshapes them
         q, k = (t.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2) for t in taken)
+        if self.rotary is not None:  # the projections' outputs are not rotated yet: as the attention does
+            q, k = self.rotary(q, k, *kwargs["position_embeddings"])
         for name in layout.after_attention:
             y = getattr(layer, name)(y)
         x, record = state.reduce(self.index, x + y, q, k, getattr(attention, layout.scale), record, attn_bias=bias)
@@ -197,11 +245,14 @@ class LaterLayerForward:
 
     def __init__(self, layer: nn.Module, state: TokenMergeState, index: int) -> None:
         self.layer, self.state, self.index = layer, state, index
+        self.rotary = _rotary(layer)
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
         state = self.state
         attention_mask = _mask_outside_export(attention_mask)
         record = state.incoming(self.index, hidden_states)
+        if self.rotary is not None:
+            kwargs = _surviving_rotary(kwargs, record)
         bias = state.attention_bias(record, hidden_states)
         if bias is not None:
             refuse_masks(self.index, attention_mask, name="attention_mask")
@@ -262,8 +313,8 @@ class HFBackend:
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
         backbone, layers, num_prefix = _resolve(model)
-        norm = getattr(backbone, "layernorm", None)
-        if isinstance(norm, nn.Module):
+        norm = _sequence_norm(model, backbone)
+        if norm is not None:
             check_overridable(norm, "the backbone's layernorm", (RecordKeepingNorm, SizeWeightedPatchMean))
         for index in (*config.layers, *config.proportional_layers(len(layers))):
             layout = _layout(layers[index], index)
@@ -296,8 +347,8 @@ class HFBackend:
             pool = SizeWeightedPatchMean(model, state)
             state.override(backbone.layernorm, "forward", pool.keep)
             state.override(model.classifier, "forward", pool)
-        elif isinstance(getattr(backbone, "layernorm", None), nn.Module):  # ViT, DeiT, Dinov2: the sequence's norm
-            state.override(backbone.layernorm, "forward", RecordKeepingNorm(backbone.layernorm, state))
+        elif (norm := _sequence_norm(model, backbone)) is not None:  # ViT, DeiT, Dinov2, DINOv3: the sequence's norm
+            state.override(norm, "forward", RecordKeepingNorm(norm, state))
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         config = _resolve(model)[0].config
