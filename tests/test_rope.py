@@ -287,6 +287,48 @@ def test_gradients_flow(flavour: str) -> None:
         assert model.rope.freqs.grad.abs().sum() > 0
 
 
+def test_other_image_sizes_use_their_own_grid() -> None:
+    model, x = make("dinov3"), images(size=64)  # dynamic_img_size: an 8 x 8 grid and its rotary table
+    plan = {1: 0.5, 2: 0.6}
+    expected, counts = reference(model, x, plan, "merge")
+    tm.patch(model, layers=tuple(plan), keep_rate=tuple(plan.values()))
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max() <= 1e-4
+    assert counts[-1] == model.num_prefix_tokens + reduced_patch_count(reduced_patch_count(64, 0.5), 0.6)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = make("eva02").train()
+        model.set_grad_checkpointing(checkpointing)
+        tm.patch(model, layers=LAYERS, keep_rate=0.5)
+        model(images()).square().sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][name], grads[1][name], atol=1e-6) for name in grads[0])
+
+
+def test_patch_dropout_in_training() -> None:
+    torch.manual_seed(0)
+    model = _perturb(timm.create_model("vit_base_patch16_dinov3", **SMALL, patch_drop_rate=0.5), 0).train()
+    tm.patch(model, layers=LAYERS, keep_rate=0.5)  # timm hands the blocks per-image rows: [B, 1, N', 2d]
+    model(images()).sum().backward()
+    assert [r.tokens_in for r in tm.reduction_trace(model).values()] == [5 + 18, 5 + 9]
+
+
+def test_intermediates_and_flops_budget() -> None:
+    model, x = make("eva02"), images()
+    tm.patch(model, layers=LAYERS, keep_rate=0.5)
+    with torch.no_grad():
+        _, inner = model.forward_intermediates(x, output_fmt="NLC")
+    assert [t.shape[1] for t in inner] == [36, 18, 9, 9]  # patch tokens after each block
+    with pytest.raises(ValueError, match="output_fmt='NLC'"):
+        model.forward_intermediates(x)
+    tm.patch(model, flops=0.6)
+    fraction = tm.count_flops(model, (3, 48, 48)).total / tm.count_flops(tm.unpatch(model), (3, 48, 48)).total
+    assert 0.59 <= fraction <= 0.6
+
+
 def _block_flops(block: nn.Module, n_in: int, n_out: int, overhead: int) -> int:
     """fvcore's convention by hand for one pre-norm Eva block: linear layers, ``2 n^2 A`` attention, LayerNorms at
     5 flops per element (rotary embedding, softmax, gathers: element-wise, zero), plus the reduction's products."""
@@ -468,6 +510,18 @@ def test_hf_keep_rate_one_unpatch_and_gradients() -> None:
         assert torch.equal(hf(x).last_hidden_state, expected)
     hf.zero_grad(set_to_none=True)
     assert_untouched(hf, before)
+
+
+def test_hf_eager_attention_matches_sdpa() -> None:
+    hf, _ = dinov3_twin()
+    x = images()
+    tm.patch(hf, layers=LAYERS, keep_rate=0.5)  # prop_attn: log(size) as a float mask in both
+    with torch.no_grad():
+        sdpa = hf(x).last_hidden_state
+        hf.set_attn_implementation("eager")
+        out = hf(x, output_attentions=True)
+    assert (out.last_hidden_state - sdpa).abs().max() <= 1e-5
+    assert [a.shape[-1] for a in out.attentions] == tm.token_counts(hf, x)[:1] + tm.token_counts(hf, x)[:-1]
 
 
 def test_hf_count_flops_matches_the_twin() -> None:
