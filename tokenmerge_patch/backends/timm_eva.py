@@ -146,8 +146,9 @@ class EvaBackend:
     def check(self, model: nn.Module, config: PatchConfig) -> int:
         if getattr(model, "cls_token", None) is None:
             raise ValueError(
-                "model has no class token (class_token=False, e.g. vit_*_rope_reg*_gap_256 and the PE gigantic models), so there is "
-                "no class-attention score to select tokens by; tokenmerge_patch needs an Eva model with a class token"
+                "model has no class token (class_token=False, e.g. vit_*_rope_reg*_gap_256 and the PE gigantic "
+                "models), so there is no class-attention score to select tokens by; tokenmerge_patch needs an Eva "
+                "model with a class token"
             )
         for layer in (*config.layers, *config.proportional_layers(len(model.blocks))):
             block = model.blocks[layer]
