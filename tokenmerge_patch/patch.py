@@ -82,7 +82,10 @@ class TokenMergeState:
         """With ``prop_attn``: ``log(size)`` of the tokens ``x``, shaped ``[B, 1, 1, N]`` as an additive float mask
         for SDPA; ``None`` when every token is one patch (before any reduction, or when tokens are only dropped)."""
         sizes = record_sizes(record) if self.config.prop_attn and self.config.method != "drop" else None
-        return None if sizes is None else sizes.log().to(x.dtype)[:, None, None, :]
+        if sizes is None:
+            return None
+        # one view, not three index ops: at batch 1 every op launched in each later block shows in the latency
+        return sizes.log().to(x.dtype).unsqueeze(1).unsqueeze(1)
 
     def reduce(
         self,
