@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 import tokenmerge_patch as tm
 from tokenmerge_patch.backends import find_backend
-from tokenmerge_patch.budget import tome_keep_rates
+from tokenmerge_patch.budget import flop_model, token_counts_for, tome_keep_rates
+from tokenmerge_patch.flops import sdpa_flop_jit
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,6 +88,17 @@ class TokenCountOracle(nn.Module):
         return model.forward_head(model.norm(x))
 
 
+def oracle_flops(oracle: TokenCountOracle, example: Tensor) -> int:
+    """fvcore's count of the oracle, with the library's SDPA handler: the patched model's count without the
+    reduction's own matmuls (class row, similarities)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(oracle, (example,))
+    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+    return int(analysis.total())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help=f"a timm ViT name (default {FULL['model']})")
@@ -113,11 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--runtimes: unknown {unknown}; choose from {RUNTIMES}")
     args.layers = tuple(args.layers)
-    full = not args.quick and all(
-        (list(value) if isinstance(value, list | tuple) else value)
-        == (list(getattr(args, key)) if isinstance(getattr(args, key), list | tuple) else getattr(args, key))
-        for key, value in FULL.items()
-    )
+    chosen = {key: getattr(args, key) for key in FULL}
+    full = not args.quick and {**chosen, "batch_sizes": list(args.batch_sizes)} == FULL
     args.full = full and args.device in (None, "cpu") and not torch.cuda.is_available()
     args.stem = output_stem(args.stem, "latency", full=args.full)
     return args
@@ -132,15 +141,25 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict
     counts = tm.token_counts(patched, example)
     oracle = TokenCountOracle(copy.deepcopy(base), counts).eval()
     flops = {"unpatched": tm.count_flops(base).total, "patched": tm.count_flops(patched).total}
-    flops["oracle"] = flops["patched"]  # same counts, same blocks: fvcore counts no slicing and no reduction
-    tome, tome_r = copy.deepcopy(base), 0
+    flops["oracle"] = oracle_flops(oracle, example)
+    # ToMe-style: the smallest constant r whose FLOPs (fitted estimate, then counted) are at most the patched model's
     prefix, tokens, depth = base.num_prefix_tokens, counts[0], len(base.blocks)
-    while tome_r < tokens // 2:  # the smallest r with FLOPs at or below the patched model's
-        tome_r += 1
-        rates = tome_keep_rates(tokens, prefix, range(depth), tome_r)
-        tm.patch(tome, layers=list(range(depth)), keep_rate=list(rates), method="bipartite")
-        if tm.count_flops(tome).total <= flops["patched"]:
+    estimate = flop_model(base, example.shape[1:], prefix)
+
+    def tome_rates(r: int) -> tuple[float, ...]:
+        return tome_keep_rates(tokens, prefix, range(depth), r)
+
+    def estimated(r: int) -> float:
+        return estimate(token_counts_for(tokens, prefix, depth, range(depth), tome_rates(r), "bipartite"), "bipartite")
+
+    largest = (tokens - prefix - 1) // depth
+    tome_r = next((r for r in range(1, largest + 1) if estimated(r) <= flops["patched"]), largest)
+    tome = copy.deepcopy(base)
+    while True:
+        tm.patch(tome, layers=list(range(depth)), keep_rate=list(tome_rates(tome_r)), method="bipartite")
+        if tome_r >= largest or tm.count_flops(tome).total <= flops["patched"]:
             break
+        tome_r += 1
     name = f"ToMe-style r={tome_r}"
     flops[name] = tm.count_flops(tome).total
     models = {"unpatched": base, "oracle": oracle, "patched": patched, name: tome}

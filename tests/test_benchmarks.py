@@ -174,3 +174,69 @@ def test_accuracy_on_real_checkpoint(tmp_path: Path) -> None:
     assert rows[3]["note"] == "" and rows[2]["tokens"] == "50→11→3→2"
     assert (tmp_path / "accuracy_quick.png").stat().st_size > 10_000
     assert "| merge | l2 | 0.50 |" in (tmp_path / "accuracy_quick.md").read_text()
+
+
+def _hand_attention(block, x):
+    """Attention of a timm Block written out (eager softmax), independent of its forward."""
+    attn = block.attn
+    batch, tokens, channels = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, channels))
+
+
+def test_token_count_oracle_slices_after_attention_and_before_the_mlp() -> None:
+    import timm
+    import torch
+
+    latency = load("latency")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=4).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = latency.TokenCountOracle(model, [17, 17, 17])(images)
+        assert torch.equal(full, model(images))  # the full counts are the unpatched model
+        counts = [17, 9, 5]
+        got = latency.TokenCountOracle(model, counts)(images)
+        x = model._pos_embed(model.patch_embed(images))
+        for block, count in zip(model.blocks, counts, strict=True):
+            x = (x + _hand_attention(block, block.norm1(x)))[:, :count]
+            x = x + block.mlp(block.norm2(x))
+        expected = model.head(model.norm(x)[:, 0])
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="one entry per block"):
+        latency.TokenCountOracle(model, [17, 9])
+
+
+def test_latency_oracle_runs_in_onnxruntime(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    import timm
+    import torch
+
+    latency = load("latency")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=4).eval()
+    oracle = latency.TokenCountOracle(model, [17, 9, 5]).eval()
+    args = latency.parse_args(["--quick"])
+    images = torch.randn(3, 3, 32, 32)
+    run = latency.runner("onnxruntime", oracle, images, args, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(run()[0]), oracle(images), atol=1e-4)
+
+
+def test_latency_quick_run(tmp_path: Path) -> None:
+    """Eager only, one round: the table has every variant, the oracle's FLOPs are the patched model's minus the
+    reduction's own, the ToMe-style schedule is within the patched model's FLOPs; quick names, results untouched."""
+    copies = committed_copy(tmp_path)
+    latency = load("latency")
+    argv = ["--quick", "--runtimes", "eager", "--batch-sizes", "2", "--rounds", "1", "--out", str(tmp_path)]
+    rows = latency.main(argv)
+    assert [r["variant"] for r in rows] == ["unpatched", "oracle", "patched", "ToMe-style r=11"]
+    flops = {r["variant"]: r["GFLOPs"] for r in rows}
+    assert flops["oracle"] < flops["patched"] < 0.66 * flops["unpatched"]
+    assert flops["patched"] - flops["oracle"] < 0.01 * flops["patched"]  # the reduction itself is cheap
+    assert flops["ToMe-style r=11"] <= flops["patched"]
+    assert rows[0]["speedup"] == 1.0 and rows[2]["of oracle"] > 0
+    assert (tmp_path / "latency_quick.md").read_text().count("| eager | 2 |") == 4
+    assert (tmp_path / "latency_quick.png").stat().st_size > 10_000
+    assert_untouched(tmp_path, copies)
