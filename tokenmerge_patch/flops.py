@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .backends import find_backend
+from .backends import find_backend, image_model
 from .multiscale import analytic_extra_flops, has_multiscale
 from .utils import eval_mode
 
@@ -152,7 +152,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
     backend = find_backend(model)
     example = _example(model, input_size)
     batch = example.shape[0]
-    wrapper = _TensorOutput(model)
+    wrapper = _TensorOutput(image_model(model))  # a CLIPModel: its image features
     blocks = list(backend.blocks(model))
     tokens: dict[int, tuple[int, int]] = {}
 
@@ -189,7 +189,8 @@ def analytic_flops(model: nn.Module, block_tokens: Sequence[tuple[int, int]], ex
     """``12 N D^2 + 2 N^2 D`` per block, written with the real widths: the attention's projections and
     its ``2 N^2 A`` run on the tokens entering a block, the MLP on those leaving it; plus the patch
     embedding (the first convolution) and every linear layer outside the blocks (head, pooler), once per
-    image. Norms, element-wise ops and the reduction's own O(N D) work are left out.
+    image. Norms, element-wise ops and the reduction's own O(N D) work are left out. Of a multimodal model only the
+    image side counts (``backends.image_model``).
     """
     backend = find_backend(model)
     blocks = list(backend.blocks(model))
@@ -201,7 +202,7 @@ def analytic_flops(model: nn.Module, block_tokens: Sequence[tuple[int, int]], ex
         attention, mlp, width = backend.block_parts(blocks[0])
         total += analytic_extra_flops(model, example, _linear_macs(attention), width, _linear_macs(mlp))
     inside = {id(m) for block in blocks for m in block.modules()}
-    outside = [m for m in model.modules() if id(m) not in inside]
+    outside = [m for m in image_model(model).modules() if id(m) not in inside]
     total += sum(m.in_features * m.out_features for m in outside if isinstance(m, nn.Linear))
     conv = next((m for m in outside if isinstance(m, nn.Conv2d)), None)
     if conv is not None:

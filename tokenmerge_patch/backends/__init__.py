@@ -56,6 +56,15 @@ def _backends() -> list[Backend]:
     return [timm.BACKEND, hf.BACKEND]
 
 
+def image_model(model: nn.Module) -> nn.Module:
+    """The module that maps a batch of images to ``model``'s image output (what ``count_flops``, ``token_counts``
+    and ``calibrate`` run): ``model`` itself, except for multimodal models whose forward wants text too (Hugging
+    Face ``CLIPModel``: its ``get_image_features``). A backend says so with an optional ``image_model`` method."""
+    backend = find_backend(model)
+    get = getattr(backend, "image_model", None)
+    return model if get is None else get(model)
+
+
 def find_backend(model: nn.Module) -> Backend:
     """The backend that handles ``model``; ``TypeError`` naming what is supported otherwise."""
     for backend in _backends():
