@@ -41,6 +41,17 @@ def sdpa_flop_jit(inputs: list, outputs: list) -> int:
     return prod(batch) * length * source * (depth + v_shape[-1])
 
 
+def native_mha_flop_jit(inputs: list, outputs: list) -> int:
+    """fvcore handle for ``aten::_native_multi_head_attention``, the fused kernel ``nn.MultiheadAttention`` runs in
+    eval without grad (open_clip's blocks): query ``[B, L, E]``, key and value ``[B, S, E]``; the q, k, v and output
+    projections plus ``q @ k^T`` and ``attn @ v``."""
+    from fvcore.nn.jit_handles import get_shape
+
+    *batch, length, embed = get_shape(inputs[0])
+    source = get_shape(inputs[1])[-2]
+    return prod(batch) * ((2 * length + 2 * source) * embed * embed + 2 * length * source * embed)
+
+
 class _TensorOutput(nn.Module):
     """Traceable view of a model whose forward returns a dataclass / dict (Hugging Face)."""
 
@@ -168,6 +179,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
             warnings.simplefilter("ignore")
             analysis = FlopCountAnalysis(wrapper, (example,))
             analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+            analysis.set_op_handle("aten::_native_multi_head_attention", native_mha_flop_jit)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = analysis.total()
             by_module = analysis.by_module()
@@ -182,7 +194,15 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
 
 
 def _linear_macs(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    """Multiply-adds per token of ``module``'s linear layers, packed q/k/v projections (``in_proj_weight`` of
+    ``nn.MultiheadAttention`` and open_clip's ``Attention``) included."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+        packed = m._parameters.get("in_proj_weight")
+        total += 0 if packed is None else packed.numel()
+    return total
 
 
 def analytic_flops(model: nn.Module, block_tokens: Sequence[tuple[int, int]], example: Tensor) -> int:

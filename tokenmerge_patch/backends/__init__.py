@@ -44,16 +44,18 @@ class Backend(Protocol):
 
 SUPPORTED = (
     "timm VisionTransformer models built from timm's Block and Attention (vit_*, deit_*, "
-    "deit_*_distilled, deit3_*, *_dinov2, register-token models, qk-norm models) and Hugging Face "
-    "transformers ViT, DeiT, Dinov2 and CLIP vision models"
+    "deit_*_distilled, deit3_*, *_dinov2, register-token models, qk-norm models), Hugging Face "
+    "transformers ViT, DeiT, Dinov2 (with or without registers), CLIP vision models and CLIPModel, and open_clip "
+    "ViT image towers (open_clip.create_model('ViT-*'), alone or in the CLIP model)"
 )
 
 
 def _backends() -> list[Backend]:
-    # hf.py imports transformers only once it meets a transformers model: timm users never pay for it
-    from . import hf, timm
+    # hf.py imports transformers only once it meets a transformers model, and openclip.py open_clip only once it meets
+    # an open_clip model: timm users never pay for either
+    from . import hf, openclip, timm
 
-    return [timm.BACKEND, hf.BACKEND]
+    return [timm.BACKEND, hf.BACKEND, openclip.BACKEND]
 
 
 def image_model(model: nn.Module) -> nn.Module:
