@@ -60,7 +60,9 @@ def _visual(model: nn.Module) -> nn.Module:
     visual = model if isinstance(model, oc.VisionTransformer) else getattr(model, "visual", None)
     if not isinstance(visual, oc.VisionTransformer):
         what = type(visual).__name__ if isinstance(visual, nn.Module) else "no .visual"
-        raise TypeError(f"tokenmerge_patch supports {SUPPORTED_OPENCLIP}; got {type(model).__name__} with {what}")
+        trunk = getattr(visual, "trunk", None)  # open_clip's TimmModel wraps a timm model
+        hint = f" (its .trunk is a timm {type(trunk).__name__}: patch that)" if isinstance(trunk, nn.Module) else ""
+        raise TypeError(f"tokenmerge_patch supports {SUPPORTED_OPENCLIP}; got {type(model).__name__} with {what}{hint}")
     if type(visual).forward is not oc.VisionTransformer.forward:
         raise TypeError(
             f"{type(visual).__name__} replaces VisionTransformer.forward; tokenmerge_patch supports "
