@@ -361,7 +361,10 @@ def test_unsupported_towers_are_refused() -> None:
     sequence_first.visual.transformer.batch_first = False
     _refused(sequence_first, ValueError, "batch_first=False")
     resnet = CLIP(embed_dim=8, vision_cfg=dict(image_size=32, layers=(1, 1, 1, 1), width=8), text_cfg=TEXT)
-    _refused(resnet, TypeError, "supports open_clip VisionTransformer .* got CLIP with ModifiedResNet")
+    _refused(resnet, TypeError, "supports open_clip VisionTransformer .* got CLIP with ModifiedResNet$")
+    timm_tower = dict(timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False, timm_pool="")
+    wrapped = CLIP(embed_dim=8, vision_cfg=dict(image_size=32, **timm_tower), text_cfg=TEXT)
+    _refused(wrapped, TypeError, r"got CLIP with TimmModel \(its .trunk is a timm VisionTransformer: patch that\)")
 
 
 def test_forward_intermediates_refuses_grids_after_a_reduction(images: Tensor) -> None:
