@@ -226,7 +226,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> tuple[list[dict],
                 repeat = max(1, 16 // batch)  # a timed run is ~16 images, so batch 1 is not lost in timer noise
                 runs = {name: runner(runtime, model, images, args, Path(folder)) for name, model in models.items()}
                 variants = {
-                    name: Variant(lambda: None, lambda run=run: [run() for _ in range(repeat)])
+                    name: Variant(lambda: None, lambda run=run, repeat=repeat: [run() for _ in range(repeat)])
                     for name, run in runs.items()
                 }
                 samples = interleaved_timings(variants, rounds=args.rounds, desc=f"{runtime}, batch {batch}")
@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_outputs(args.out, args.stem, rows, COLUMNS, text)
     if not args.no_plot:
         plot(rows, args.out / f"{args.stem}.png")
-    print(f"\nwrote {args.out}/{args.stem}.csv, .md{'' if args.no_plot else ', .png'} in {time.perf_counter() - started:.0f} s")
+    files = ".csv, .md" + ("" if args.no_plot else ", .png")
+    print(f"\nwrote {args.out}/{args.stem}{files} in {time.perf_counter() - started:.0f} s")
     return rows
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .backends import find_backend
+from .backends import find_backend, image_model
 from .budget import TOLERANCE, FlopModel, flop_model, rule_keep_rates, token_counts_for
 from .evaluation import parse_batch
 from .flops import count_flops
@@ -124,6 +124,7 @@ class _Runner:
         self.model, self.base = model, base
         self.backend = find_backend(model)
         self.blocks = list(self.backend.blocks(model))
+        self.run_images = image_model(model)  # a CLIPModel: its image features
         self._install, self._unpatch = _install, unpatch
         self.chunks = list(images.split(batch_size))
         # every 4th image is held out of the search: it only decides whether the search's moves beat its start
@@ -149,7 +150,7 @@ class _Runner:
         inputs: list[Tensor] = []
         handles = [b.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for b in self.blocks]
         try:
-            output = self.model(images)
+            output = self.run_images(images)
         finally:
             for handle in handles:
                 handle.remove()
@@ -162,7 +163,7 @@ class _Runner:
         for block in self.blocks[:start]:
             block.__dict__["forward"] = lambda *args, **kwargs: entering
         try:
-            return self._target(self.model(images))
+            return self._target(self.run_images(images))
         finally:
             for block, forward in zip(self.blocks[:start], saved, strict=True):
                 if forward is None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .backends import find_backend
+from .backends import find_backend, image_model
 from .multiscale import analytic_extra_flops, has_multiscale
 from .utils import eval_mode
 
@@ -39,6 +39,17 @@ def sdpa_flop_jit(inputs: list, outputs: list) -> int:
     *batch, length, depth = q_shape
     source = k_shape[-2]
     return prod(batch) * length * source * (depth + v_shape[-1])
+
+
+def native_mha_flop_jit(inputs: list, outputs: list) -> int:
+    """fvcore handle for ``aten::_native_multi_head_attention``, the fused kernel ``nn.MultiheadAttention`` runs in
+    eval without grad (open_clip's blocks): query ``[B, L, E]``, key and value ``[B, S, E]``; the q, k, v and output
+    projections plus ``q @ k^T`` and ``attn @ v``."""
+    from fvcore.nn.jit_handles import get_shape
+
+    *batch, length, embed = get_shape(inputs[0])
+    source = get_shape(inputs[1])[-2]
+    return prod(batch) * ((2 * length + 2 * source) * embed * embed + 2 * length * source * embed)
 
 
 class _TensorOutput(nn.Module):
@@ -152,7 +163,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
     backend = find_backend(model)
     example = _example(model, input_size)
     batch = example.shape[0]
-    wrapper = _TensorOutput(model)
+    wrapper = _TensorOutput(image_model(model))  # a CLIPModel: its image features
     blocks = list(backend.blocks(model))
     tokens: dict[int, tuple[int, int]] = {}
 
@@ -168,6 +179,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
             warnings.simplefilter("ignore")
             analysis = FlopCountAnalysis(wrapper, (example,))
             analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+            analysis.set_op_handle("aten::_native_multi_head_attention", native_mha_flop_jit)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             total = analysis.total()
             by_module = analysis.by_module()
@@ -182,14 +194,23 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
 
 
 def _linear_macs(module: nn.Module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    """Multiply-adds per token of ``module``'s linear layers, packed q/k/v projections (``in_proj_weight`` of
+    ``nn.MultiheadAttention`` and open_clip's ``Attention``) included."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+        packed = m._parameters.get("in_proj_weight")
+        total += 0 if packed is None else packed.numel()
+    return total
 
 
 def analytic_flops(model: nn.Module, block_tokens: Sequence[tuple[int, int]], example: Tensor) -> int:
     """``12 N D^2 + 2 N^2 D`` per block, written with the real widths: the attention's projections and
     its ``2 N^2 A`` run on the tokens entering a block, the MLP on those leaving it; plus the patch
     embedding (the first convolution) and every linear layer outside the blocks (head, pooler), once per
-    image. Norms, element-wise ops and the reduction's own O(N D) work are left out.
+    image. Norms, element-wise ops and the reduction's own O(N D) work are left out. Of a multimodal model only the
+    image side counts (``backends.image_model``).
     """
     backend = find_backend(model)
     blocks = list(backend.blocks(model))
@@ -201,7 +222,7 @@ def analytic_flops(model: nn.Module, block_tokens: Sequence[tuple[int, int]], ex
         attention, mlp, width = backend.block_parts(blocks[0])
         total += analytic_extra_flops(model, example, _linear_macs(attention), width, _linear_macs(mlp))
     inside = {id(m) for block in blocks for m in block.modules()}
-    outside = [m for m in model.modules() if id(m) not in inside]
+    outside = [m for m in image_model(model).modules() if id(m) not in inside]
     total += sum(m.in_features * m.out_features for m in outside if isinstance(m, nn.Linear))
     conv = next((m for m in outside if isinstance(m, nn.Conv2d)), None)
     if conv is not None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from .backends import Backend, find_backend
+from .backends import Backend, find_backend, image_model
 from .backends.shared import refuse_scripting
 from .plan import PatchConfig, check_fraction
 from .records import LayerRecord, TokenRecord, record_of, record_sizes
@@ -396,7 +396,8 @@ def patched_layers(model: nn.Module) -> Sequence[int]:
 
 @torch.no_grad()
 def token_counts(model: nn.Module, example: Tensor) -> list[int]:
-    """Tokens leaving each block for one forward of ``example`` (patched or not).
+    """Tokens leaving each block for one forward of ``example`` (patched or not; of a multimodal model, its image
+    side).
 
     >>> import timm, torch
     >>> model = patch(timm.create_model("deit_small_patch16_224"), keep_rate=0.7)
@@ -410,7 +411,7 @@ def token_counts(model: nn.Module, example: Tensor) -> list[int]:
         for block in backend.blocks(model)
     ]
     try:
-        model(example)
+        image_model(model)(example)
     finally:
         for handle in handles:
             handle.remove()

@@ -45,16 +45,27 @@ class Backend(Protocol):
 SUPPORTED = (
     "timm VisionTransformer models built from timm's Block and Attention (vit_*, deit_*, "
     "deit_*_distilled, deit3_*, *_dinov2, register-token models, qk-norm models), timm Eva models with a class "
-    "token built from EvaBlock with EvaAttention or AttentionRope (RoPE: eva02_*, *_dinov3, vit_*_rope_*) and "
-    "Hugging Face transformers ViT, DeiT, Dinov2, DINOv3 ViT and CLIP vision models"
+    "token built from EvaBlock with EvaAttention or AttentionRope (RoPE: eva02_*, *_dinov3, vit_*_rope_*), Hugging "
+    "Face transformers ViT, DeiT, Dinov2 (with or without registers), DINOv3 ViT, CLIP vision models and CLIPModel, "
+    "and open_clip ViT image towers (open_clip.create_model('ViT-*'), alone or in the CLIP model)"
 )
 
 
 def _backends() -> list[Backend]:
-    # hf.py imports transformers only once it meets a transformers model: timm users never pay for it
-    from . import hf, timm, timm_eva
+    # hf.py imports transformers only once it meets a transformers model, and openclip.py open_clip only once it meets
+    # an open_clip model: timm users never pay for either
+    from . import hf, openclip, timm, timm_eva
 
-    return [timm.BACKEND, timm_eva.BACKEND, hf.BACKEND]
+    return [timm.BACKEND, timm_eva.BACKEND, hf.BACKEND, openclip.BACKEND]
+
+
+def image_model(model: nn.Module) -> nn.Module:
+    """The module that maps a batch of images to ``model``'s image output (what ``count_flops``, ``token_counts``
+    and ``calibrate`` run): ``model`` itself, except for multimodal models whose forward wants text too (Hugging
+    Face ``CLIPModel``: its ``get_image_features``). A backend says so with an optional ``image_model`` method."""
+    backend = find_backend(model)
+    get = getattr(backend, "image_model", None)
+    return model if get is None else get(model)
 
 
 def find_backend(model: nn.Module) -> Backend:

@@ -1,4 +1,5 @@
-"""Hugging Face transformers (>= 5) backend: ViT, DeiT, Dinov2, DINOv3 ViT and CLIP vision models.
+"""Hugging Face transformers (>= 5) backend: ViT, DeiT, Dinov2 (with or without registers), DINOv3 ViT, CLIP vision
+models and the whole ``CLIPModel`` (its vision tower is patched; the text tower is left alone).
 
 Where the scores come from: the layer's own attention module runs unchanged (``sdpa`` stays fused, ``eager``
 still returns its weights); its queries and keys are read as they leave ``q_proj`` / ``k_proj`` and only the
@@ -43,9 +44,15 @@ if TYPE_CHECKING:
 
 SUPPORTED_HF = (
     "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
-    "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, DINOv3ViTModel, "
-    "CLIPVisionModel and CLIPVisionModelWithProjection (and subclasses that keep their forward)"
+    "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, Dinov2WithRegistersModel, "
+    "Dinov2WithRegistersForImageClassification, DINOv3ViTModel, CLIPVisionModel, CLIPVisionModelWithProjection and "
+    "CLIPModel (its vision tower; and subclasses that keep their forward)"
 )
+# families refused for a reason worth saying (matched on the class name's start)
+WHY_NOT = {
+    "Siglip": "SigLIP vision towers have no class token (their head pools all tokens by attention), so there is no "
+    "class-attention score to select tokens by",
+}
 
 
 class LayerLayout(NamedTuple):
@@ -70,10 +77,11 @@ CLIP_LAYOUT = LayerLayout("layer_norm1", "self_attn", (), "layer_norm2", "mlp", 
 
 
 class _Registry(NamedTuple):
-    models: dict[type, int | Callable[[object], int]]  # supported top-level class -> prefix tokens (or f(config))
+    models: dict[type, int]  # supported top-level class -> number of prefix tokens (before register tokens)
     backbones: dict[type, tuple[str, ...]]  # model.base_model class -> attribute path of its layer list
     layers: dict[type, tuple[LayerLayout, type]]  # layer class -> its layout and attention class
-    concat_mean: type  # classifier input is cat([cls, mean of patch tokens])
+    concat_mean: tuple[type, ...]  # classifier input is cat([cls, mean of patch tokens])
+    towers: dict[type, str]  # multimodal model class -> attribute of its vision backbone (else model.base_model)
     rotary: dict[type, Callable]  # layer class -> the model's apply_rotary_pos_emb(q, k, cos, sin)
     top_norms: dict[type, str]  # top-level class -> its final norm, when it is not base_model.layernorm
 
@@ -84,6 +92,7 @@ def _registry() -> _Registry:
     from transformers.models.clip import modeling_clip as clip
     from transformers.models.deit import modeling_deit as deit
     from transformers.models.dinov2 import modeling_dinov2 as dinov2
+    from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as registers
     from transformers.models.dinov3_vit import modeling_dinov3_vit as dinov3
     from transformers.models.vit import modeling_vit as vit
 
@@ -91,12 +100,16 @@ def _registry() -> _Registry:
     models |= {dinov2.Dinov2ForImageClassification: 1, clip.CLIPVisionModel: 1, clip.CLIPVisionModelWithProjection: 1}
     # every DeiT embedding appends the distillation token: class + distillation token are both prefix tokens
     models |= {deit.DeiTModel: 2, deit.DeiTForImageClassification: 2, deit.DeiTForImageClassificationWithTeacher: 2}
+    # + config.num_register_tokens (see _resolve); CLIPModel: the class token of its vision tower
+    models |= {registers.Dinov2WithRegistersModel: 1, registers.Dinov2WithRegistersForImageClassification: 1}
+    models |= {clip.CLIPModel: 1}
     # DINOv3: class token, then the register tokens; no absolute position embedding, rotary tables for the patches
-    models[dinov3.DINOv3ViTModel] = lambda config: 1 + int(config.num_register_tokens)
+    models[dinov3.DINOv3ViTModel] = 1
     backbones = {
         vit.ViTModel: ("layers",),
         deit.DeiTModel: ("layers",),
         dinov2.Dinov2Model: ("encoder", "layer"),
+        registers.Dinov2WithRegistersModel: ("encoder", "layer"),
         clip.CLIPVisionModel: ("encoder", "layers"),
         dinov3.DINOv3ViTEncoder: ("layer",),  # DINOv3ViTModel.base_model is its encoder (base_model_prefix "model")
     }
@@ -104,12 +117,14 @@ def _registry() -> _Registry:
         vit.ViTLayer: (VIT_LAYOUT, vit.ViTAttention),
         deit.DeiTLayer: (VIT_LAYOUT, deit.DeiTAttention),
         dinov2.Dinov2Layer: (DINOV2_LAYOUT, dinov2.Dinov2Attention),
+        registers.Dinov2WithRegistersLayer: (DINOV2_LAYOUT, registers.Dinov2WithRegistersAttention),
         clip.CLIPEncoderLayer: (CLIP_LAYOUT, clip.CLIPAttention),
         dinov3.DINOv3ViTLayer: (DINOV2_LAYOUT, dinov3.DINOv3ViTAttention),
     }
     rotary = {dinov3.DINOv3ViTLayer: dinov3.apply_rotary_pos_emb}
     top_norms = {dinov3.DINOv3ViTModel: "norm"}
-    return _Registry(models, backbones, layers, dinov2.Dinov2ForImageClassification, rotary, top_norms)
+    concat_mean = (dinov2.Dinov2ForImageClassification, registers.Dinov2WithRegistersForImageClassification)
+    return _Registry(models, backbones, layers, concat_mean, {clip.CLIPModel: "vision_model"}, rotary, top_norms)
 
 
 def _known_base(cls: type, table: dict[type, object]) -> type | None:
@@ -127,15 +142,18 @@ def _unwrapped(forward: object) -> object:
 
 
 def _resolve(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int]:
-    """The backbone (``model.base_model``), its layer list and the number of prefix tokens."""
+    """The (vision) backbone (``model.base_model``, ``CLIPModel.vision_model``), its layer list and the number of
+    prefix tokens (class [+ distillation] token, then the backbone's register tokens)."""
     registry = _registry()
     top = _known_base(type(model), registry.models)
-    backbone = getattr(model, "base_model", None)
+    tower = None if top is None else registry.towers.get(top)
+    backbone = getattr(model, "base_model" if tower is None else tower, None)
     kind = None if backbone is None else _known_base(type(backbone), registry.backbones)
     if top is None or kind is None:
-        raise TypeError(f"tokenmerge_patch supports {SUPPORTED_HF}; got {type(model).__name__}")
-    num_prefix = registry.models[top]
-    num_prefix = num_prefix(backbone.config) if callable(num_prefix) else num_prefix
+        name = type(model).__name__
+        reason = next((f" ({why})" for start, why in WHY_NOT.items() if name.startswith(start)), "")
+        raise TypeError(f"tokenmerge_patch supports {SUPPORTED_HF}; got {name}{reason}")
+    num_prefix = registry.models[top] + int(getattr(backbone.config, "num_register_tokens", 0) or 0)
     return backbone, reduce(getattr, registry.backbones[kind], backbone), num_prefix
 
 
@@ -269,15 +287,16 @@ class LaterLayerForward:
 
 
 class SizeWeightedPatchMean:
-    """Dinov2ForImageClassification feeds its classifier ``cat([cls, patch_tokens.mean(1)])``; after a merge that mean
-    must count each token as the patches it holds. :meth:`keep` replaces ``dinov2.layernorm.forward`` (keeping the
+    """Dinov2[WithRegisters]ForImageClassification feeds its classifier ``cat([cls, patch_tokens.mean(1)])`` (patch
+    tokens: after the class and register tokens); after a merge that mean must count each token as the patches it
+    holds. :meth:`keep` replaces the backbone's ``layernorm.forward`` (keeping the
     record, as :class:`RecordKeepingNorm`) and hands the final tokens to ``__call__``, which replaces
     ``classifier.forward`` and swaps in the size-weighted mean. The hand-over is a stack, so a call that re-enters the
     model between the two (a hook) takes its own tokens, not the outer call's."""
 
     def __init__(self, model: nn.Module, state: TokenMergeState) -> None:
         self.model, self.state = model, state
-        self.norm = RecordKeepingNorm(model.dinov2.layernorm, state)
+        self.norm = RecordKeepingNorm(model.base_model.layernorm, state)
         self.pending: list[Tensor] = []
 
     def keep(self, x: Tensor) -> Tensor:
@@ -298,6 +317,20 @@ class SizeWeightedPatchMean:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "pending": []}  # per-forward, not part of the model
+
+
+class CLIPImageFeatures(nn.Module):
+    """``CLIPModel.get_image_features(pixel_values).pooler_output`` as a module of images alone, made of the model's
+    own vision tower and projection (not a copy): what :func:`~tokenmerge_patch.count_flops` and
+    :func:`~tokenmerge_patch.patch.token_counts` run for a ``CLIPModel``, whose forward wants text too."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.vision_model = model.vision_model
+        self.visual_projection = model.visual_projection
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
 
 
 class HFBackend:
@@ -350,6 +383,12 @@ class HFBackend:
         elif (norm := _sequence_norm(model, backbone)) is not None:  # ViT, DeiT, Dinov2, DINOv3: the sequence's norm
             state.override(norm, "forward", RecordKeepingNorm(norm, state))
 
+    def image_model(self, model: nn.Module) -> nn.Module:
+        """The module that maps images to the model's image output: the model itself, except for ``CLIPModel``."""
+        if _known_base(type(model), _registry().towers) is not None:
+            return CLIPImageFeatures(model)
+        return model
+
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         config = _resolve(model)[0].config
         size = config.image_size
@@ -360,6 +399,7 @@ class HFBackend:
         # classifiers on the class (and distillation) token, and CLIP's projected class token; base models return
         # every token and Dinov2ForImageClassification also averages the patch tokens
         names = ("ViTForImageClassification", "DeiTForImageClassification", "CLIPVisionModelWithProjection")
+        names += ("CLIPModel",)  # its image features: the projected class token
         return any(cls.__name__.startswith(names) for cls in type(model).__mro__ if cls in _registry().models)
 
     def tokens_of(self, block_output: object) -> int:
