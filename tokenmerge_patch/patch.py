@@ -113,7 +113,7 @@ class TokenMergeState:
             attn_bias=attn_bias,
             sizes=None if record is None else record[0],
             source=None if record is None else record[1],
-            trace_source=config.trace_source,
+            trace_source=True,  # always: a [B, N0] gather per reduction, and what unmerge needs for dense outputs
             seed=config.seed + layer,
         )
         sizes, source = out.sizes.detach(), None if out.source is None else out.source.detach()
@@ -156,8 +156,8 @@ def patch_config(model: nn.Module) -> PatchConfig | None:
 
 
 def reduction_trace(model: nn.Module) -> dict[int, LayerRecord]:
-    """Per reducing block, what the last forward did: token counts, sizes and (with
-    ``trace_source=True``) source maps. Empty before the first forward.
+    """Per reducing block, what the last forward did: token counts, sizes and source maps (which token holds
+    each original patch; see :func:`tokenmerge_patch.unmerge`). Empty before the first forward.
 
     >>> import timm, torch
     >>> model = patch(timm.create_model("vit_tiny_patch16_224", img_size=64), keep_rate=0.5)
@@ -233,7 +233,9 @@ def patch(
             logit (passed to SDPA as a float mask), so a merged token counts as the patches it holds.
             ``None``: on for ``"merge"`` and ``"bipartite"``; it does nothing for ``"drop"`` (every token is
             one patch) and is refused for ``"fuse"`` (EViT's fused token is a score-weighted sum, not a mean).
-        trace_source: record which original patch ends in which token (see :func:`reduction_trace`).
+        trace_source: kept for compatibility and plans made before; source maps (which original patch ends in
+            which token, see :func:`reduction_trace` and :func:`tokenmerge_patch.unmerge`) are always tracked
+            now (a ``[B, N0]`` index gather per reduction: no measurable cost, ``benchmarks/source_overhead.py``).
         seed: seed of ``similarity="random"``.
 
     Returns:

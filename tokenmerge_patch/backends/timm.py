@@ -13,12 +13,13 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from timm.models._features import feature_take_indices
+from timm.models._features import FeatureGetterNet
 
 # timm.models.vision_transformer has had Attention in every 1.0.x (it moved to timm.layers later)
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
+from ..dense import unmerge
 from ..records import record_of, record_sizes, tag
 from ..reduce import size_weighted_mean
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
@@ -86,9 +87,14 @@ class LaterBlockForward:
 
 
 class GridCheckedIntermediates:
-    """Replaces ``VisionTransformer.forward_intermediates``: after a reducing block the tokens no longer fill
-    the patch grid, so asking for them as NCHW feature maps (timm's default, and ``features_only``) is
-    refused instead of silently folding tokens into channels. ``output_fmt="NLC"`` works."""
+    """Replaces ``VisionTransformer.forward_intermediates``: after a reducing block the tokens no longer fill the
+    patch grid, so NCHW feature maps (timm's default, ``features_only`` models, ``get_intermediate_layers(...,
+    reshape=True)``) are built by unmerging: each grid cell gets the features of the token that holds that patch
+    (:func:`tokenmerge_patch.unmerge`; a patch ``method="drop"`` discarded gets zeros). The maps have the unpatched
+    shapes at any keep rate. ``output_fmt="NLC"`` returns the reduced tokens as they are (fewer than the grid).
+
+    timm's own method runs with ``output_fmt="NLC"``; each patch-token intermediate it returns is a slice of the
+    tensor a block (or the norm) returned, which carries its merge record, so the slice's base is unmerged."""
 
     def __init__(self, model: VisionTransformer, state: TokenMergeState) -> None:
         self.model = model
@@ -98,16 +104,41 @@ class GridCheckedIntermediates:
         model = self.model
         call = inspect.signature(type(model).forward_intermediates).bind(model, x, indices, *args, **kwargs)
         call.apply_defaults()
-        if call.arguments.get("output_fmt") == "NCHW":
-            taken, _ = feature_take_indices(len(model.blocks), indices)
-            first = self.state.config.layers[0]
-            late = [i for i in taken if i >= first]
-            if late:
-                raise ValueError(
-                    f"blocks {late} come after token reduction (block {first}), so their tokens no longer form an "
-                    "image grid: use output_fmt='NLC', earlier indices, or unpatch"
-                )
-        return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
+        if call.arguments.get("output_fmt") != "NCHW":
+            return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
+        call.arguments["output_fmt"] = "NLC"
+        result = type(model).forward_intermediates(*call.args, **call.kwargs)
+        embed = model.patch_embed
+        size = tuple(x.shape[-2:])
+        grid = embed.dynamic_feat_size(size) if hasattr(embed, "dynamic_feat_size") else embed.grid_size
+        if isinstance(result, dict):
+            return {**result, "image_intermediates": [self._map(y, grid) for y in result["image_intermediates"]]}
+        if call.arguments.get("intermediates_only"):
+            return [self._map(y, grid) for y in result]
+        final, intermediates = result
+        return final, [self._map(y, grid) for y in intermediates]
+
+    def _map(self, item: Tensor | tuple[Tensor, Tensor], grid: tuple[int, int]) -> Tensor | tuple[Tensor, Tensor]:
+        """One intermediate (or its ``(patch tokens, prefix tokens)`` pair) as an ``[B, C, H, W]`` map."""
+        if isinstance(item, tuple):
+            return (self._map(item[0], grid), *item[1:])
+        height, width = grid
+        tokens = self._dense(item, height * width)
+        return tokens.reshape(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+
+    def _dense(self, patch_tokens: Tensor, num_patches: int) -> Tensor:
+        prefix = int(self.model.num_prefix_tokens)
+        base = patch_tokens._base  # the tensor timm sliced the prefix tokens off
+        record = None if base is None else record_of(base)
+        if record is not None and base.dim() == 3 and base.shape[1] == prefix + patch_tokens.shape[1]:
+            return unmerge(base, record, num_prefix=prefix)[:, prefix:]
+        if patch_tokens.shape[1] == num_patches:  # before the first reduction: the grid as it is
+            return patch_tokens
+        raise ValueError(
+            f"an intermediate has {patch_tokens.shape[1]} patch tokens for a grid of {num_patches} patches and no "
+            "merge record to unmerge them by (a forward hook replaced a block's output?): its tokens no longer form "
+            "an image grid; use output_fmt='NLC', earlier indices, or unpatch"
+        )
 
 
 class SizeWeightedPool:
@@ -148,16 +179,25 @@ class SizeWeightedPool:
             )
 
 
+def _vit(model: nn.Module) -> VisionTransformer | None:
+    """The ``VisionTransformer`` of ``model``: itself, or the one a ``features_only=True`` model (timm's
+    ``FeatureGetterNet``, which calls its ``forward_intermediates``) wraps; ``None`` for anything else."""
+    if isinstance(model, FeatureGetterNet):
+        model = getattr(model, "model", None)
+    return model if isinstance(model, VisionTransformer) else None
+
+
 class TimmBackend:
     name = "timm"
 
     def claims(self, model: nn.Module) -> bool:
-        return isinstance(model, VisionTransformer)
+        return _vit(model) is not None
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.blocks
+        return _vit(model).blocks
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
+        model = _vit(model)
         if getattr(model, "cls_token", None) is None:
             raise ValueError(
                 "model has no class token (class_token=False, e.g. global_pool='map' or 'avg' models "
@@ -187,6 +227,7 @@ class TimmBackend:
         return int(model.num_prefix_tokens)
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
+        model = _vit(model)
         config = state.config
         for layer in config.layers:
             block = model.blocks[layer]
@@ -203,10 +244,12 @@ class TimmBackend:
             state.override(model, "forward_intermediates", GridCheckedIntermediates(model, state))
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
-        embed = model.patch_embed
+        embed = _vit(model).patch_embed
         return (int(embed.proj.in_channels), *(int(v) for v in embed.img_size))
 
     def class_token_head(self, model: nn.Module) -> bool:
+        if not isinstance(model, VisionTransformer):  # features_only: dense feature maps read every patch
+            return False
         return model.global_pool == "token" and getattr(model, "attn_pool", None) is None
 
     def tokens_of(self, block_output: object) -> int:
