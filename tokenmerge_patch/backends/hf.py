@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..dense import unmerge
 from ..records import record_of, record_sizes, tag
 from ..reduce import exporting, size_weighted_mean
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 
 SUPPORTED_HF = (
     "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
-    "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, CLIPVisionModel and "
-    "CLIPVisionModelWithProjection (and subclasses that keep their forward)"
+    "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, Dinov2Backbone, "
+    "CLIPVisionModel and CLIPVisionModelWithProjection (and subclasses that keep their forward)"
 )
 
 
@@ -68,6 +69,7 @@ class _Registry(NamedTuple):
     backbones: dict[type, tuple[str, ...]]  # model.base_model class -> attribute path of its layer list
     layers: dict[type, tuple[LayerLayout, type]]  # layer class -> its layout and attention class
     concat_mean: type  # classifier input is cat([cls, mean of patch tokens])
+    dense: type  # a backbone returning feature maps (layernorm, then [:, 1:] reshaped to the patch grid)
 
 
 @cache
@@ -78,7 +80,7 @@ def _registry() -> _Registry:
     from transformers.models.dinov2 import modeling_dinov2 as dinov2
     from transformers.models.vit import modeling_vit as vit
 
-    models = {vit.ViTModel: 1, vit.ViTForImageClassification: 1, dinov2.Dinov2Model: 1}
+    models = {vit.ViTModel: 1, vit.ViTForImageClassification: 1, dinov2.Dinov2Model: 1, dinov2.Dinov2Backbone: 1}
     models |= {dinov2.Dinov2ForImageClassification: 1, clip.CLIPVisionModel: 1, clip.CLIPVisionModelWithProjection: 1}
     # every DeiT embedding appends the distillation token: class + distillation token are both prefix tokens
     models |= {deit.DeiTModel: 2, deit.DeiTForImageClassification: 2, deit.DeiTForImageClassificationWithTeacher: 2}
@@ -86,6 +88,7 @@ def _registry() -> _Registry:
         vit.ViTModel: ("layers",),
         deit.DeiTModel: ("layers",),
         dinov2.Dinov2Model: ("encoder", "layer"),
+        dinov2.Dinov2Backbone: ("encoder", "layer"),  # its own base model
         clip.CLIPVisionModel: ("encoder", "layers"),
     }
     layers = {
@@ -94,7 +97,7 @@ def _registry() -> _Registry:
         dinov2.Dinov2Layer: (DINOV2_LAYOUT, dinov2.Dinov2Attention),
         clip.CLIPEncoderLayer: (CLIP_LAYOUT, clip.CLIPAttention),
     }
-    return _Registry(models, backbones, layers, dinov2.Dinov2ForImageClassification)
+    return _Registry(models, backbones, layers, dinov2.Dinov2ForImageClassification, dinov2.Dinov2Backbone)
 
 
 def _known_base(cls: type, table: dict[type, object]) -> type | None:
@@ -249,6 +252,23 @@ class SizeWeightedPatchMean:
         return {**self.__dict__, "pending": []}  # per-forward, not part of the model
 
 
+class UnmergingNorm:
+    """Replaces ``Dinov2Backbone.layernorm.forward``: the backbone normalises each hidden state it returns as a feature
+    map (``apply_layernorm``) right before cutting off the class token and reshaping the patch tokens to the grid
+    (``reshape_hidden_states``) or handing the sequence to a head (DPT). After a reducing layer the norm's output is
+    unmerged (:func:`tokenmerge_patch.unmerge`, by the record the hidden state carries), so the backbone's own code
+    finds the full sequence: every patch gets its token's features (a norm is per token, so norm then unmerge equals
+    unmerge then norm). Hidden states before the first reduction carry no record and pass unchanged."""
+
+    def __init__(self, norm: nn.Module, state: TokenMergeState) -> None:
+        self.norm, self.state = norm, state
+
+    def __call__(self, x: Tensor) -> Tensor:
+        record = record_of(x)
+        y = type(self.norm).forward(self.norm, x)
+        return y if record is None else unmerge(y, record, num_prefix=self.state.num_prefix)
+
+
 class HFBackend:
     name = "hf"
 
@@ -264,7 +284,7 @@ class HFBackend:
         backbone, layers, num_prefix = _resolve(model)
         norm = getattr(backbone, "layernorm", None)
         if isinstance(norm, nn.Module):
-            check_overridable(norm, "the backbone's layernorm", (RecordKeepingNorm, SizeWeightedPatchMean))
+            check_overridable(norm, "the backbone's layernorm", (RecordKeepingNorm, SizeWeightedPatchMean, UnmergingNorm))
         for index in (*config.layers, *config.proportional_layers(len(layers))):
             layout = _layout(layers[index], index)
             attention = getattr(layers[index], layout.attention)
@@ -279,6 +299,15 @@ class HFBackend:
                 check_overridable(getattr(attention, name), f"layer {index}'s {name}", (OutputTap,))
         for index in (*config.layers, *config.later_layers(len(layers))):
             check_overridable(layers[index], f"layer {index}", (ReducingLayerForward, LaterLayerForward))
+        if isinstance(model, _registry().dense):
+            reduced = [i for i in model.out_indices if i - 1 >= config.layers[0]]  # stage i: what layer i - 1 returns
+            if reduced and not model.config.apply_layernorm:
+                raise ValueError(
+                    f"{type(model).__name__} with apply_layernorm=False cuts and reshapes the hidden states itself, so "
+                    f"its feature maps of stages {reduced} (after the first reducing layer, {config.layers[0]}) cannot "
+                    "be unmerged back to the patch grid: set config.apply_layernorm=True, reduce only after the last "
+                    "stage in out_features, or unpatch"
+                )
         return num_prefix
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
@@ -292,7 +321,9 @@ class HFBackend:
                 state.override(tap.module, "forward", tap)
         for index in config.later_layers(len(layers)):  # pass the record on (with prop_attn: log(size) masks)
             state.override(layers[index], "forward", LaterLayerForward(layers[index], state, index))
-        if isinstance(model, _registry().concat_mean):
+        if isinstance(model, _registry().dense):  # feature maps: unmerged back to the full patch grid
+            state.override(model.layernorm, "forward", UnmergingNorm(model.layernorm, state))
+        elif isinstance(model, _registry().concat_mean):
             pool = SizeWeightedPatchMean(model, state)
             state.override(backbone.layernorm, "forward", pool.keep)
             state.override(model.classifier, "forward", pool)
