@@ -284,7 +284,9 @@ class HFBackend:
         backbone, layers, num_prefix = _resolve(model)
         norm = getattr(backbone, "layernorm", None)
         if isinstance(norm, nn.Module):
-            check_overridable(norm, "the backbone's layernorm", (RecordKeepingNorm, SizeWeightedPatchMean, UnmergingNorm))
+            check_overridable(
+                norm, "the backbone's layernorm", (RecordKeepingNorm, SizeWeightedPatchMean, UnmergingNorm)
+            )
         for index in (*config.layers, *config.proportional_layers(len(layers))):
             layout = _layout(layers[index], index)
             attention = getattr(layers[index], layout.attention)
