@@ -372,3 +372,29 @@ def test_dinov2_backbone_refusals_and_round_trip(images: Tensor) -> None:
         got = model(images).feature_maps
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert model_snapshot(model)[1] == before[1]
+
+
+def test_inference_mode_and_re_entrant_calls(images: Tensor) -> None:
+    model = make_model("vit")
+    tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    with torch.no_grad():
+        expected = model.forward_intermediates(images, intermediates_only=True)
+    with torch.inference_mode():  # views there have no ._base: records are found by storage
+        got = model.forward_intermediates(images, intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    inner = []
+
+    def hook(_module, _args, _out) -> None:  # another image's dense call and forward, from inside the outer call
+        if not inner:
+            inner.append(None)
+            inner[0] = model.forward_intermediates(images[:1].flip(-1), intermediates_only=True)
+            model(images.flip(-2))
+
+    handle = model.blocks[2].register_forward_hook(hook)
+    with torch.no_grad():
+        got = model.forward_intermediates(images, intermediates_only=True)
+        handle.remove()
+        alone = model.forward_intermediates(images[:1].flip(-1), intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(inner[0], alone, strict=True))
+    assert model._tokenmerge.collectors == []

@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
 from timm.models._features import FeatureGetterNet
 
 # timm.models.vision_transformer has had Attention in every 1.0.x (it moved to timm.layers later)
@@ -20,7 +21,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..dense import unmerge
-from ..records import record_of, record_sizes, tag
+from ..records import record_of, record_sizes
 from ..reduce import size_weighted_mean
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
@@ -50,7 +51,7 @@ class ReducingBlockForward:
         y, (q, k) = read_taps(self.taps, lambda: attn(normed) if bias is None else attn(normed, attn_mask=bias))
         x = x + block.drop_path1(block.ls1(y))
         x, record = state.reduce(self.layer, x, q, k, attn.scale, record, attn_bias=bias)
-        out = tag(x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record)
+        out = state.collect(x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record)
         if self.layer == state.depth - 1:
             state.publish(record)
         return out
@@ -80,7 +81,7 @@ class LaterBlockForward:
             out = type(block).forward(block, x, attn_mask=bias)
         if self.layer == state.depth - 1:
             state.publish(record)
-        return tag(out, record)
+        return state.collect(out, record)
 
     def __repr__(self) -> str:
         return f"LaterBlockForward(layer={self.layer})"
@@ -93,8 +94,9 @@ class GridCheckedIntermediates:
     (:func:`tokenmerge_patch.unmerge`; a patch ``method="drop"`` discarded gets zeros). The maps have the unpatched
     shapes at any keep rate. ``output_fmt="NLC"`` returns the reduced tokens as they are (fewer than the grid).
 
-    timm's own method runs with ``output_fmt="NLC"``; each patch-token intermediate it returns is a slice of the
-    tensor a block (or the norm) returned, which carries its merge record, so the slice's base is unmerged."""
+    timm's own method runs with ``output_fmt="NLC"`` and the prefix tokens returned; the blocks file their outputs'
+    records while it runs (:meth:`TokenMergeState.collecting`), and each intermediate, a slice of such an output,
+    finds its record by the storage it shares with it."""
 
     def __init__(self, model: VisionTransformer, state: TokenMergeState) -> None:
         self.model = model
@@ -106,39 +108,46 @@ class GridCheckedIntermediates:
         call.apply_defaults()
         if call.arguments.get("output_fmt") != "NCHW":
             return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
-        call.arguments["output_fmt"] = "NLC"
-        result = type(model).forward_intermediates(*call.args, **call.kwargs)
+        want_prefix = call.arguments.get("return_prefix_tokens", False)
+        call.arguments.update(output_fmt="NLC", return_prefix_tokens=True)
         embed = model.patch_embed
         size = tuple(x.shape[-2:])
         grid = embed.dynamic_feat_size(size) if hasattr(embed, "dynamic_feat_size") else embed.grid_size
-        if isinstance(result, dict):
-            return {**result, "image_intermediates": [self._map(y, grid) for y in result["image_intermediates"]]}
-        if call.arguments.get("intermediates_only"):
-            return [self._map(y, grid) for y in result]
-        final, intermediates = result
-        return final, [self._map(y, grid) for y in intermediates]
+        with self.state.collecting() as records:
+            result = type(model).forward_intermediates(*call.args, **call.kwargs)
 
-    def _map(self, item: Tensor | tuple[Tensor, Tensor], grid: tuple[int, int]) -> Tensor | tuple[Tensor, Tensor]:
-        """One intermediate (or its ``(patch tokens, prefix tokens)`` pair) as an ``[B, C, H, W]`` map."""
-        if isinstance(item, tuple):
-            return (self._map(item[0], grid), *item[1:])
+            def to_map(patches: Tensor, prefix: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+                dense = self._map(patches, prefix, records, grid)
+                return (dense, prefix) if want_prefix and not isinstance(result, dict) else dense
+
+            if isinstance(result, dict):
+                prefixes = result["image_intermediates_prefix"]
+                maps = [to_map(t, p) for t, p in zip(result["image_intermediates"], prefixes, strict=True)]
+                out = {**result, "image_intermediates": maps}
+                if not want_prefix:
+                    del out["image_intermediates_prefix"]
+                return out
+            if call.arguments.get("intermediates_only"):
+                return [to_map(*pair) for pair in result]
+            final, pairs = result
+            return final, [to_map(*pair) for pair in pairs]
+
+    def _map(self, patches: Tensor, prefix: Tensor, records: dict, grid: tuple[int, int]) -> Tensor:
+        """One intermediate's patch tokens as an ``[B, C, H, W]`` map, unmerged by the record of the block output
+        they were cut from."""
         height, width = grid
-        tokens = self._dense(item, height * width)
-        return tokens.reshape(tokens.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
-
-    def _dense(self, patch_tokens: Tensor, num_patches: int) -> Tensor:
-        prefix = int(self.model.num_prefix_tokens)
-        base = patch_tokens._base  # the tensor timm sliced the prefix tokens off
-        record = None if base is None else record_of(base)
-        if record is not None and base.dim() == 3 and base.shape[1] == prefix + patch_tokens.shape[1]:
-            return unmerge(base, record, num_prefix=prefix)[:, prefix:]
-        if patch_tokens.shape[1] == num_patches:  # before the first reduction: the grid as it is
-            return patch_tokens
-        raise ValueError(
-            f"an intermediate has {patch_tokens.shape[1]} patch tokens for a grid of {num_patches} patches and no "
-            "merge record to unmerge them by (a forward hook replaced a block's output?): its tokens no longer form "
-            "an image grid; use output_fmt='NLC', earlier indices, or unpatch"
-        )
+        record = records.get(patches.untyped_storage().data_ptr())
+        if record is not None and record[0].shape[1] == prefix.shape[1] + patches.shape[1]:
+            tokens = unmerge(torch.cat([prefix, patches], dim=1), record, num_prefix=prefix.shape[1])
+            patches = tokens[:, prefix.shape[1] :]
+        elif patches.shape[1] != height * width:
+            raise ValueError(
+                f"an intermediate has {patches.shape[1]} patch tokens for a grid of {height * width} patches and no "
+                "merge record to unmerge them by (a forward hook replaced a block's output?): its tokens no longer "
+                "form an image grid; use output_fmt='NLC', earlier indices, or unpatch"
+            )
+        # else: from before the first reduction, the grid as it is
+        return patches.reshape(patches.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
 
 
 class SizeWeightedPool:
