@@ -309,30 +309,40 @@ def test_dinov2_backbone_keep_rate_one_equals_unpatched(images: Tensor) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("apply_layernorm", [True, False])
 @pytest.mark.parametrize("method", ["merge", "drop"])
-def test_dinov2_backbone_maps_unmerge_its_hidden_states(method: str, images: Tensor) -> None:
-    model = make_backbone()
+def test_dinov2_backbone_maps_unmerge_the_layer_outputs(method: str, apply_layernorm: bool, images: Tensor) -> None:
+    model = make_backbone(apply_layernorm=apply_layernorm)
     with torch.no_grad():
-        unpatched = model(images).feature_maps
+        unpatched = model(images, output_hidden_states=True)
         tm.patch(model, layers=(1, 2), keep_rate=0.5, method=method)
+        layer_outputs = []  # what each layer passed on (hooks see the reduced tokens), as copies
+        handles = [
+            layer.register_forward_hook(lambda _m, _i, out: layer_outputs.append(out.clone()))
+            for layer in model.encoder.layer
+        ]
         out = model(images, output_hidden_states=True)
+        for handle in handles:
+            handle.remove()
     trace = tm.reduction_trace(model)
-    assert [m.shape for m in out.feature_maps] == [m.shape for m in unpatched]
-    assert [h.shape[1] for h in out.hidden_states] == [65, 65, 33, 17, 17]  # hidden states stay reduced
-    for stage, got in enumerate(out.feature_maps, start=1):
-        layer = stage - 1  # stage i is what layer i - 1 returned
-        hidden = model.layernorm(out.hidden_states[stage].clone())  # a copy: the plain norm, no unmerging
+    assert [h.shape[1] for h in layer_outputs] == [65, 33, 17, 17]
+    assert [m.shape for m in out.feature_maps] == [m.shape for m in unpatched.feature_maps]
+    assert [h.shape for h in out.hidden_states] == [h.shape for h in unpatched.hidden_states]  # unmerged too
+    for layer, (hidden, got) in enumerate(zip(out.hidden_states[1:], out.feature_maps, strict=True)):
         reducing = [r for r in trace if r <= layer]
+        want = layer_outputs[layer]
         if reducing:
-            hidden = unmerge_by_hand(hidden, trace[reducing[-1]].source, 1)
-        want = hidden[:, 1:].reshape(3, 8, 8, 32).permute(0, 3, 1, 2)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            want = unmerge_by_hand(want, trace[reducing[-1]].source, 1)
+        torch.testing.assert_close(hidden, want, atol=0, rtol=0)
+        if apply_layernorm:
+            want = torch.nn.functional.layer_norm(want, (32,), model.layernorm.weight, model.layernorm.bias, 1e-6)
+        torch.testing.assert_close(got, want[:, 1:].reshape(3, 8, 8, 32).permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_dinov2_backbone_sequences_dpt_and_gradients(images: Tensor) -> None:
     from transformers import DPTConfig, DPTForDepthEstimation
 
-    model = make_backbone(reshape_hidden_states=False)
+    model = make_backbone(reshape_hidden_states=False, apply_layernorm=False)  # as the DPT-DINOv2 checkpoints
     tm.patch(model, layers=(1,), keep_rate=0.5)
     assert [m.shape for m in model(images).feature_maps] == [(3, 65, 32)] * 4  # the full sequence, for DPT's readout
     config = DPTConfig(
@@ -352,16 +362,7 @@ def test_dinov2_backbone_sequences_dpt_and_gradients(images: Tensor) -> None:
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_dinov2_backbone_refusals_and_round_trip(images: Tensor) -> None:
-    model = make_backbone(apply_layernorm=False)
-    before = model_snapshot(model)
-    with pytest.raises(ValueError, match=r"apply_layernorm=False .* stages \[2, 3, 4\]"):
-        tm.patch(model, layers=(1,), keep_rate=0.5)
-    assert model_snapshot(model)[1] == before[1] and not tm.is_patched(model)
-    early = make_backbone(stages=(1, 2), apply_layernorm=False)
-    tm.patch(early, layers=(2,), keep_rate=0.5)  # stages 1 and 2 come before the reduction: nothing to unmerge
-    with torch.no_grad():
-        assert [m.shape for m in early(images).feature_maps] == [(3, 32, 8, 8)] * 2
+def test_dinov2_backbone_round_trip(images: Tensor) -> None:
     model = make_backbone()
     before = model_snapshot(model)
     with torch.no_grad():

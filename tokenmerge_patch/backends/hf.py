@@ -69,7 +69,7 @@ class _Registry(NamedTuple):
     backbones: dict[type, tuple[str, ...]]  # model.base_model class -> attribute path of its layer list
     layers: dict[type, tuple[LayerLayout, type]]  # layer class -> its layout and attention class
     concat_mean: type  # classifier input is cat([cls, mean of patch tokens])
-    dense: type  # a backbone returning feature maps (layernorm, then [:, 1:] reshaped to the patch grid)
+    dense: type  # a backbone returning feature maps made from its encoder's hidden states
 
 
 @cache
@@ -252,21 +252,27 @@ class SizeWeightedPatchMean:
         return {**self.__dict__, "pending": []}  # per-forward, not part of the model
 
 
-class UnmergingNorm:
-    """Replaces ``Dinov2Backbone.layernorm.forward``: the backbone normalises each hidden state it returns as a feature
-    map (``apply_layernorm``) right before cutting off the class token and reshaping the patch tokens to the grid
-    (``reshape_hidden_states``) or handing the sequence to a head (DPT). After a reducing layer the norm's output is
-    unmerged (:func:`tokenmerge_patch.unmerge`, by the record the hidden state carries), so the backbone's own code
-    finds the full sequence: every patch gets its token's features (a norm is per token, so norm then unmerge equals
-    unmerge then norm). Hidden states before the first reduction carry no record and pass unchanged."""
+class UnmergedHiddenStates:
+    """Replaces ``Dinov2Backbone.encoder.forward``: the backbone builds its feature maps from the encoder's hidden
+    states in its own code (optionally normalised, then the class token cut off and the patch tokens reshaped to the
+    grid, or the sequence handed to a head such as DPT's). After a reducing layer those hidden states are unmerged
+    (:func:`tokenmerge_patch.unmerge`, by the record each one carries), so the backbone's code finds the full sequence
+    and its ``feature_maps`` and ``hidden_states`` have the unpatched shapes: every patch gets its token's features.
+    The layers themselves still pass the reduced tokens on."""
 
-    def __init__(self, norm: nn.Module, state: TokenMergeState) -> None:
-        self.norm, self.state = norm, state
+    def __init__(self, encoder: nn.Module, state: TokenMergeState) -> None:
+        self.encoder, self.state = encoder, state
 
-    def __call__(self, x: Tensor) -> Tensor:
-        record = record_of(x)
-        y = type(self.norm).forward(self.norm, x)
-        return y if record is None else unmerge(y, record, num_prefix=self.state.num_prefix)
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        output = type(self.encoder).forward(self.encoder, *args, **kwargs)
+        hidden_states = getattr(output, "hidden_states", None)
+        if isinstance(hidden_states, tuple):
+            output.hidden_states = tuple(self._unmerge(h) for h in hidden_states)
+        return output
+
+    def _unmerge(self, hidden_state: Tensor) -> Tensor:
+        record = record_of(hidden_state)  # None before the first reducing layer: the full sequence already
+        return hidden_state if record is None else unmerge(hidden_state, record, num_prefix=self.state.num_prefix)
 
 
 class HFBackend:
@@ -284,9 +290,7 @@ class HFBackend:
         backbone, layers, num_prefix = _resolve(model)
         norm = getattr(backbone, "layernorm", None)
         if isinstance(norm, nn.Module):
-            check_overridable(
-                norm, "the backbone's layernorm", (RecordKeepingNorm, SizeWeightedPatchMean, UnmergingNorm)
-            )
+            check_overridable(norm, "the backbone's layernorm", (RecordKeepingNorm, SizeWeightedPatchMean))
         for index in (*config.layers, *config.proportional_layers(len(layers))):
             layout = _layout(layers[index], index)
             attention = getattr(layers[index], layout.attention)
@@ -302,14 +306,7 @@ class HFBackend:
         for index in (*config.layers, *config.later_layers(len(layers))):
             check_overridable(layers[index], f"layer {index}", (ReducingLayerForward, LaterLayerForward))
         if isinstance(model, _registry().dense):
-            reduced = [i for i in model.out_indices if i - 1 >= config.layers[0]]  # stage i: what layer i - 1 returns
-            if reduced and not model.config.apply_layernorm:
-                raise ValueError(
-                    f"{type(model).__name__} with apply_layernorm=False cuts and reshapes the hidden states itself, so "
-                    f"its feature maps of stages {reduced} (after the first reducing layer, {config.layers[0]}) cannot "
-                    "be unmerged back to the patch grid: set config.apply_layernorm=True, reduce only after the last "
-                    "stage in out_features, or unpatch"
-                )
+            check_overridable(model.encoder, "the backbone's encoder", (UnmergedHiddenStates,))
         return num_prefix
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
@@ -324,7 +321,7 @@ class HFBackend:
         for index in config.later_layers(len(layers)):  # pass the record on (with prop_attn: log(size) masks)
             state.override(layers[index], "forward", LaterLayerForward(layers[index], state, index))
         if isinstance(model, _registry().dense):  # feature maps: unmerged back to the full patch grid
-            state.override(model.layernorm, "forward", UnmergingNorm(model.layernorm, state))
+            state.override(model.encoder, "forward", UnmergedHiddenStates(model.encoder, state))
         elif isinstance(model, _registry().concat_mean):
             pool = SizeWeightedPatchMean(model, state)
             state.override(backbone.layernorm, "forward", pool.keep)
