@@ -362,6 +362,20 @@ def test_dinov2_backbone_sequences_dpt_and_gradients(images: Tensor) -> None:
     assert grad is not None and grad.abs().sum() > 0
 
 
+def test_dinov2_backbone_flops_per_layer_equal_dinov2_models() -> None:
+    from transformers import Dinov2Model
+
+    backbone = make_backbone()
+    twin = Dinov2Model(backbone.config).eval()
+    for model in (backbone, twin):
+        tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    report, twin_report = (tm.count_flops(m, input_size=(3, 32, 32)) for m in (backbone, twin))
+    assert [b.tokens_out for b in report.blocks] == [65, 33, 17, 17]
+    assert [(b.tokens_in, b.tokens_out, b.flops) for b in report.blocks] == [
+        (b.tokens_in, b.tokens_out, b.flops) for b in twin_report.blocks
+    ]
+
+
 def test_dinov2_backbone_round_trip(images: Tensor) -> None:
     model = make_backbone()
     before = model_snapshot(model)
