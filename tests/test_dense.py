@@ -413,3 +413,15 @@ def test_inference_mode_and_re_entrant_calls(images: Tensor) -> None:
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(inner[0], alone, strict=True))
     assert model._tokenmerge.collectors == []
+
+
+def test_unmerge_a_hugging_face_last_hidden_state(images: Tensor) -> None:
+    from transformers import Dinov2Model
+
+    model = Dinov2Model(make_backbone().config).eval()
+    tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    with torch.no_grad():
+        hidden = model(images).last_hidden_state
+    assert hidden.shape == (3, 17, 32)
+    expected = unmerge_by_hand(hidden, tm.reduction_trace(model)[2].source, 1)
+    torch.testing.assert_close(tm.unmerge(hidden), expected, atol=0, rtol=0)
