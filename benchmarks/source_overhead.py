@@ -20,7 +20,9 @@ import torch
 
 import tokenmerge_patch as tm
 from tokenmerge_patch.backends import find_backend
+from tokenmerge_patch.backends.capture import CaptureOutputs
 from tokenmerge_patch.patch import _state
+from tokenmerge_patch.reduce import reduce_tokens
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,7 +62,29 @@ def main(argv: list[str] | None = None) -> str:
             lambda: model.forward_intermediates(images, indices=4, output_fmt=output_fmt, intermediates_only=True),
         )
 
+    # the reduction of the first reducing block alone, with and without its source map (less noisy than a forward)
+    block = model.blocks[state.config.layers[0]]
+    with torch.inference_mode():
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        for earlier in model.blocks[: state.config.layers[0]]:
+            tokens = earlier(tokens)
+        attn = block.attn
+        with CaptureOutputs(attn.q_norm, attn.k_norm) as captured:
+            x = tokens + block.ls1(attn(block.norm1(tokens)))
+        q, k = captured.require("q/k")
+        num_prefix = model.num_prefix_tokens
+
+    def reduction(trace_source: bool) -> Variant:
+        return Variant(
+            lambda: None,
+            lambda: reduce_tokens(
+                x, q, k, attn.scale, num_prefix=num_prefix, keep_rate=args.keep_rate, trace_source=trace_source
+            ),
+        )
+
     variants = {
+        f"reduction alone (block {state.config.layers[0]}), source map tracked": reduction(True),
+        f"reduction alone (block {state.config.layers[0]}), no source map": reduction(False),
         "forward, source maps tracked (default)": Variant(lambda: tracking(True), lambda: model(images)),
         "forward, source tracking off": Variant(lambda: tracking(False), lambda: model(images)),
         "last 4 blocks as NLC tokens (reduced)": intermediates("NLC"),
@@ -70,6 +94,9 @@ def main(argv: list[str] | None = None) -> str:
     tracked, untracked = samples["forward, source maps tracked (default)"], samples["forward, source tracking off"]
     nlc, nchw = samples["last 4 blocks as NLC tokens (reduced)"], samples["last 4 blocks as NCHW maps (unmerged)"]
     rows = [{"what": name, "ms": 1000 * median(times)} for name, times in samples.items()]
+    alone_on, alone_off = (median(times) for name, times in samples.items() if name.startswith("reduction alone"))
+    extra = len(state.config.layers) * (alone_on - alone_off)  # one source map per reducing block
+    share = f"{1000 * extra:.2f} ms per forward, {100 * extra / median(untracked):.2f} % of it"
 
     def ratio(numerator: list[float], denominator: list[float]) -> float:
         return median([a / b for a, b in zip(numerator, denominator, strict=True)])
@@ -84,9 +111,8 @@ def main(argv: list[str] | None = None) -> str:
             f"{args.model}, merge at keep {args.keep_rate} in blocks {', '.join(map(str, state.config.layers))}, "
             f"batch {args.batch_size}, {threads} threads, median of {args.rounds} interleaved rounds:",
             markdown_table(rows, ["what", "ms"]),
-            markdown_table(
-                ratios, ["comparison", "median of per-round ratios"], {"median of per-round ratios": "{:.3f}"}
-            ),
+            markdown_table(ratios, ["comparison", column], {column: "{:.3f}"}),
+            f"Source tracking, from the reduction alone times {len(state.config.layers)} reducing blocks: {share}.",
         ]
     )
     print(text)
