@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from timm.models._features import FeatureGetterNet
 
 # timm.models.vision_transformer has had Attention in every 1.0.x (it moved to timm.layers later)
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
+
+try:  # features_only=True models (timm >= 1.0: forward_intermediates); a private module, so guarded
+    from timm.models._features import FeatureGetterNet
+except ImportError:  # pragma: no cover
+    FeatureGetterNet = ()
 
 from ..dense import unmerge
 from ..records import record_of, record_sizes
