@@ -73,6 +73,16 @@ def test_profile_reduction_quick_run(tmp_path: Path) -> None:
     assert (tmp_path / "profile_reduction_quick.md").read_text() == text + "\n"
 
 
+def test_source_overhead_quick_run(tmp_path: Path) -> None:
+    copies = committed_copy(tmp_path)
+    text = load("source_overhead").main(
+        ["--model", "deit_tiny_patch16_224", "--batch-size", "1", "--rounds", "1", "--out", str(tmp_path)]
+    )
+    assert_untouched(tmp_path, copies)
+    assert "tracking on / off" in text and "NCHW (unmerged) / NLC" in text
+    assert (tmp_path / "source_overhead_quick.md").read_text() == text + "\n"
+
+
 MODEL = ["--model", "deit_tiny_patch16_224", "--data", "mnist:/nowhere"]  # parse_args loads neither
 # (script, arguments, the stems it writes): the full runs write the committed names, everything else not
 OUTPUTS = [

@@ -367,15 +367,22 @@ def test_unsupported_towers_are_refused() -> None:
     _refused(wrapped, TypeError, r"got CLIP with TimmModel \(its .trunk is a timm VisionTransformer: patch that\)")
 
 
-def test_forward_intermediates_refuses_grids_after_a_reduction(images: Tensor) -> None:
+def test_forward_intermediates_unmerges_grids_after_a_reduction(images: Tensor) -> None:
     model = tm.patch(make_clip(), layers=(2,), keep_rate=0.5)
     with torch.no_grad():
         early = model.visual.forward_intermediates(images, indices=[0, 1])
         assert [y.shape for y in early["image_intermediates"]] == [(3, 32, 8, 8)] * 2
-        with pytest.raises(ValueError, match=r"blocks \[2, 3\] come after token reduction"):
-            model.visual.forward_intermediates(images)
+        maps = model.visual.forward_intermediates(images, normalize_intermediates=True)["image_intermediates"]
+        source = tm.reduction_trace(model)[2].source  # [B, 64]: the token holding each patch
         tokens = model.forward_intermediates(images, image_output_fmt="NLC")["image_intermediates"]
+        normed = model.visual.forward_intermediates(images, output_fmt="NLC", normalize_intermediates=True)
     assert [y.shape[1] for y in tokens] == [64, 64, 32, 32]
+    assert [y.shape for y in maps] == [(3, 32, 8, 8)] * 4
+    cells = maps[3].flatten(2).transpose(1, 2)  # [B, 64, C] in grid order
+    reduced = normed["image_intermediates"][3]
+    for b in range(images.shape[0]):
+        for patch_index in range(64):
+            assert torch.equal(cells[b, patch_index], reduced[b, source[b, patch_index] - 1])
 
 
 def test_masks_and_separate_keys_are_refused(images: Tensor) -> None:

@@ -321,8 +321,18 @@ def test_intermediates_and_flops_budget() -> None:
     with torch.no_grad():
         _, inner = model.forward_intermediates(x, output_fmt="NLC")
     assert [t.shape[1] for t in inner] == [36, 18, 9, 9]  # patch tokens after each block
-    with pytest.raises(ValueError, match="output_fmt='NLC'"):
-        model.forward_intermediates(x)
+    with torch.no_grad():  # NCHW maps: the full grid, each patch with the features of the token holding it
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        source = tm.reduction_trace(model)[max(LAYERS)].source  # [B, 36] index of the token holding each patch
+        unpatched = tm.unpatch(model).forward_intermediates(x, intermediates_only=True)
+        tm.patch(model, layers=LAYERS, keep_rate=0.5)
+    assert [m.shape for m in maps] == [m.shape for m in unpatched]
+    assert torch.equal(maps[0], unpatched[0])  # before the first reduction
+    last = maps[-1].flatten(2).transpose(1, 2)  # [B, 36, C] in grid order
+    prefix = model.num_prefix_tokens
+    for b in range(x.shape[0]):
+        for patch_index in range(36):
+            assert torch.equal(last[b, patch_index], inner[-1][b, source[b, patch_index] - prefix])
     tm.patch(model, flops=0.6)
     fraction = tm.count_flops(model, (3, 48, 48)).total / tm.count_flops(tm.unpatch(model), (3, 48, 48)).total
     assert 0.59 <= fraction <= 0.6

@@ -346,16 +346,18 @@ def test_masks_are_refused_clearly(images: torch.Tensor) -> None:
 # -- what the review asked for --------------------------------------------------------------------
 
 
-def test_forward_intermediates_refuses_grids_after_reduction(images: torch.Tensor) -> None:
+def test_forward_intermediates_unmerges_grids_after_reduction(images: torch.Tensor) -> None:
     model = make_model("vit")
     tm.patch(model, layers=(2,), keep_rate=0.5)
     with torch.no_grad():
-        early = model.forward_intermediates(images, indices=[0, 1], intermediates_only=True)
-        assert [tuple(t.shape) for t in early] == [(3, 32, 8, 8)] * 2
-        with pytest.raises(ValueError, match=r"blocks \[2, 3\] come after token reduction"):
-            model.forward_intermediates(images, indices=4)
+        maps = model.forward_intermediates(images, indices=4, intermediates_only=True)
+        assert [tuple(t.shape) for t in maps] == [(3, 32, 8, 8)] * 4  # unmerged (tests/test_dense.py checks values)
         tokens = model.forward_intermediates(images, indices=4, output_fmt="NLC", intermediates_only=True)
-    assert [t.shape[1] for t in tokens] == [64, 64, 32, 32]  # patch tokens (prefix stripped) after each block
+        assert [t.shape[1] for t in tokens] == [64, 64, 32, 32]  # patch tokens (prefix stripped) after each block
+        # a hook that replaces the last block's output drops the merge record: the grid cannot be rebuilt
+        model.blocks[3].register_forward_hook(lambda _m, _i, out: out * 1.0)
+        with pytest.raises(ValueError, match="32 patch tokens for a grid of 64 patches and no merge record"):
+            model.forward_intermediates(images, indices=4)
 
 
 def test_float16_model_matches_float32(images: torch.Tensor) -> None:

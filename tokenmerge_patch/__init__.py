@@ -12,6 +12,7 @@ torch.Size([2, 1000])
 """
 
 from .calibration import calibrate
+from .dense import unmerge
 from .export import export_onnx
 from .finetune import EpochStats, StepInfo, finetune
 from .flops import FlopReport, count_flops
@@ -50,6 +51,7 @@ __all__ = [
     "set_keep_rate",
     "show_merges",
     "token_counts",
+    "unmerge",
     "unpatch",
 ]
 __version__ = "0.1.0"

@@ -53,18 +53,23 @@ def native_mha_flop_jit(inputs: list, outputs: list) -> int:
 
 
 class _TensorOutput(nn.Module):
-    """Traceable view of a model whose forward returns a dataclass / dict (Hugging Face)."""
+    """Traceable view of a model whose forward returns a dataclass / dict (Hugging Face) or a list of feature maps."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         out = self.model(x)
         if isinstance(out, Tensor):
             return out
+        if isinstance(out, list):  # timm features_only: one feature map per taken block
+            return tuple(out)
         if isinstance(out, tuple):
             return out[0]
+        maps = getattr(out, "feature_maps", None)  # a Hugging Face backbone
+        if isinstance(maps, tuple) and maps:
+            return maps
         for key in ("logits", "image_embeds", "last_hidden_state"):
             value = getattr(out, key, None)
             if isinstance(value, Tensor):

@@ -8,7 +8,8 @@ whatever instance attribute was there before.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from .backends import Backend, find_backend, image_model
 from .backends.shared import refuse_scripting
 from .plan import PatchConfig, check_fraction
-from .records import LayerRecord, TokenRecord, record_of, record_sizes
+from .records import LayerRecord, TokenRecord, record_of, record_sizes, tag
 from .reduce import exporting, reduce_tokens
 from .schedule import KeepRateSpec, LayerSpec, resolve_plan
 
@@ -40,12 +41,18 @@ class TokenMergeState:
     last forward that went through the last block (``reduction_trace``). Per-forward bookkeeping is not kept here:
     it travels with the tokens (see :func:`record_of`)."""
 
+    # Source maps (which token holds each original patch, what :func:`tokenmerge_patch.unmerge` and dense outputs
+    # read) are always tracked: a [B, N0] index gather per reduction. Only benchmarks/source_overhead.py turns this
+    # off, to measure what tracking costs.
+    track_source = True
+
     def __init__(self, config: PatchConfig, backend: Backend, num_prefix: int, depth: int) -> None:
         self.config = config
         self.backend_name = backend.name
         self.num_prefix = num_prefix
         self.depth = depth
         self.records: dict[int, LayerRecord] = {}
+        self.collectors: list[dict[int, TokenRecord]] = []  # open dense calls, innermost last (see collect)
         self._overrides: list[tuple[nn.Module, str, object]] = []
 
     # -- installation ---------------------------------------------------------------------------
@@ -116,7 +123,7 @@ class TokenMergeState:
             attn_bias=attn_bias,
             sizes=None if record is None else record[0],
             source=None if record is None else record[1],
-            trace_source=config.trace_source,
+            trace_source=self.track_source,
             seed=config.seed + layer,
             positions=None if record is None else record[4],
         )
@@ -124,6 +131,26 @@ class TokenMergeState:
         reduced = (record is not None and record[2]) or out.x.shape[1] < x.shape[1]
         trace = (() if record is None else record[3]) + ((layer, x.shape[1], out.x.shape[1], sizes, source),)
         return out.x, (sizes, source, reduced, trace, out.positions)
+
+    @contextmanager
+    def collecting(self) -> Iterator[dict[int, TokenRecord]]:
+        """Open a dense call (timm ``forward_intermediates``): while it is open, :meth:`collect` files each block's
+        output record under the tensor's storage, so slices the caller cuts from those outputs (which carry no
+        record of their own) can still be unmerged. Nested calls get their own collector."""
+        collector: dict[int, TokenRecord] = {}
+        self.collectors.append(collector)
+        try:
+            yield collector
+        finally:
+            self.collectors.remove(collector)
+
+    def collect(self, x: Tensor, record: TokenRecord | None) -> Tensor:
+        """Tag ``x`` with ``record`` and, inside :meth:`collecting`, file the record under ``x``'s storage. A tensor
+        filed there stays alive until the dense call reads it (it is one of its intermediates), so no other tensor
+        can reuse its storage meanwhile; a re-entrant forward only adds entries for storages of its own."""
+        if self.collectors and record is not None:
+            self.collectors[-1][x.untyped_storage().data_ptr()] = record
+        return tag(x, record)
 
     def publish(self, record: TokenRecord | None) -> None:
         """Make ``record``'s trace what :func:`reduction_trace` reports (called where a forward leaves the blocks).
@@ -134,6 +161,7 @@ class TokenMergeState:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["records"] = {}  # per-forward bookkeeping is not part of the model
+        state["collectors"] = []
         return state
 
 
@@ -160,8 +188,8 @@ def patch_config(model: nn.Module) -> PatchConfig | None:
 
 
 def reduction_trace(model: nn.Module) -> dict[int, LayerRecord]:
-    """Per reducing block, what the last forward did: token counts, sizes and (with
-    ``trace_source=True``) source maps. Empty before the first forward.
+    """Per reducing block, what the last forward did: token counts, sizes and source maps (which token holds
+    each original patch; see :func:`tokenmerge_patch.unmerge`). Empty before the first forward.
 
     >>> import timm, torch
     >>> model = patch(timm.create_model("vit_tiny_patch16_224", img_size=64), keep_rate=0.5)
@@ -237,7 +265,9 @@ def patch(
             logit (passed to SDPA as a float mask), so a merged token counts as the patches it holds.
             ``None``: on for ``"merge"`` and ``"bipartite"``; it does nothing for ``"drop"`` (every token is
             one patch) and is refused for ``"fuse"`` (EViT's fused token is a score-weighted sum, not a mean).
-        trace_source: record which original patch ends in which token (see :func:`reduction_trace`).
+        trace_source: kept for compatibility and plans made before; source maps (which original patch ends in
+            which token, see :func:`reduction_trace` and :func:`tokenmerge_patch.unmerge`) are always tracked
+            now (a ``[B, N0]`` index gather per reduction: no measurable cost, ``benchmarks/source_overhead.py``).
         seed: seed of ``similarity="random"``.
 
     Returns:

@@ -38,7 +38,7 @@ class LayerRecord:
         tokens_out: tokens leaving it.
         sizes: ``[B, tokens_out]`` how many original tokens each output token holds.
         source: ``[B, N0]`` for each original patch, the index of the output token holding it (-1 if
-            dropped); ``None`` unless patched with ``trace_source=True``.
+            dropped); see :func:`tokenmerge_patch.unmerge`.
     """
 
     tokens_in: int

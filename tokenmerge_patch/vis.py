@@ -12,7 +12,6 @@ token share one colour over the image; patches that were dropped are greyed out.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ def _patch_size(model: nn.Module) -> tuple[int, int]:
 def merge_sources(model: nn.Module, image: Tensor) -> dict[int, Tensor]:
     """Run one image ``[C, H, W]`` (normalised as the model expects) through a patched model and return,
     per reducing block, the source map ``[N0]``: for each original patch, the token holding it (-1 if
-    dropped). Source tracing is switched on for this forward only."""
+    dropped)."""
     state = _state(model)
     if state is None:
         raise ValueError("model is not patched; call tokenmerge_patch.patch(model, ...) first")
@@ -48,15 +47,10 @@ def merge_sources(model: nn.Module, image: Tensor) -> dict[int, Tensor]:
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is not None and image.shape[0] != conv.in_channels:
         raise ValueError(f"image has {image.shape[0]} channels but the model takes {conv.in_channels}")
-    config = state.config
-    state.config = replace(config, trace_source=True)
-    try:
-        with eval_mode(model):
-            param = next(model.parameters())
-            model(image[None].to(param.device, param.dtype))
-        trace = reduction_trace(model)
-    finally:
-        state.config = config
+    with eval_mode(model):  # source maps are always tracked
+        param = next(model.parameters())
+        model(image[None].to(param.device, param.dtype))
+    trace = reduction_trace(model)
     return {layer: record.source[0].cpu() for layer, record in trace.items()}
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..dense import unmerge
 from ..records import TokenRecord, record_of, record_positions, record_sizes, tag
 from ..reduce import exporting, rotary_rows, size_weighted_mean
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
@@ -44,9 +45,9 @@ if TYPE_CHECKING:
 
 SUPPORTED_HF = (
     "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
-    "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, Dinov2WithRegistersModel, "
-    "Dinov2WithRegistersForImageClassification, DINOv3ViTModel, CLIPVisionModel, CLIPVisionModelWithProjection and "
-    "CLIPModel (its vision tower; and subclasses that keep their forward)"
+    "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, Dinov2Backbone, "
+    "Dinov2WithRegistersModel, Dinov2WithRegistersForImageClassification, DINOv3ViTModel, CLIPVisionModel, "
+    "CLIPVisionModelWithProjection and CLIPModel (its vision tower; and subclasses that keep their forward)"
 )
 # families refused for a reason worth saying (matched on the class name's start)
 WHY_NOT = {
@@ -84,6 +85,7 @@ class _Registry(NamedTuple):
     towers: dict[type, str]  # multimodal model class -> attribute of its vision backbone (else model.base_model)
     rotary: dict[type, Callable]  # layer class -> the model's apply_rotary_pos_emb(q, k, cos, sin)
     top_norms: dict[type, str]  # top-level class -> its final norm, when it is not base_model.layernorm
+    dense: type  # a backbone returning feature maps made from its encoder's hidden states
 
 
 @cache
@@ -96,7 +98,7 @@ def _registry() -> _Registry:
     from transformers.models.dinov3_vit import modeling_dinov3_vit as dinov3
     from transformers.models.vit import modeling_vit as vit
 
-    models = {vit.ViTModel: 1, vit.ViTForImageClassification: 1, dinov2.Dinov2Model: 1}
+    models = {vit.ViTModel: 1, vit.ViTForImageClassification: 1, dinov2.Dinov2Model: 1, dinov2.Dinov2Backbone: 1}
     models |= {dinov2.Dinov2ForImageClassification: 1, clip.CLIPVisionModel: 1, clip.CLIPVisionModelWithProjection: 1}
     # every DeiT embedding appends the distillation token: class + distillation token are both prefix tokens
     models |= {deit.DeiTModel: 2, deit.DeiTForImageClassification: 2, deit.DeiTForImageClassificationWithTeacher: 2}
@@ -110,6 +112,7 @@ def _registry() -> _Registry:
         deit.DeiTModel: ("layers",),
         dinov2.Dinov2Model: ("encoder", "layer"),
         registers.Dinov2WithRegistersModel: ("encoder", "layer"),
+        dinov2.Dinov2Backbone: ("encoder", "layer"),  # its own base model
         clip.CLIPVisionModel: ("encoder", "layers"),
         dinov3.DINOv3ViTEncoder: ("layer",),  # DINOv3ViTModel.base_model is its encoder (base_model_prefix "model")
     }
@@ -124,7 +127,8 @@ def _registry() -> _Registry:
     rotary = {dinov3.DINOv3ViTLayer: dinov3.apply_rotary_pos_emb}
     top_norms = {dinov3.DINOv3ViTModel: "norm"}
     concat_mean = (dinov2.Dinov2ForImageClassification, registers.Dinov2WithRegistersForImageClassification)
-    return _Registry(models, backbones, layers, concat_mean, {clip.CLIPModel: "vision_model"}, rotary, top_norms)
+    towers = {clip.CLIPModel: "vision_model"}
+    return _Registry(models, backbones, layers, concat_mean, towers, rotary, top_norms, dinov2.Dinov2Backbone)
 
 
 def _known_base(cls: type, table: dict[type, object]) -> type | None:
@@ -333,6 +337,29 @@ class CLIPImageFeatures(nn.Module):
         return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
 
 
+class UnmergedHiddenStates:
+    """Replaces ``Dinov2Backbone.encoder.forward``: the backbone builds its feature maps from the encoder's hidden
+    states in its own code (optionally normalised, then the class token cut off and the patch tokens reshaped to the
+    grid, or the sequence handed to a head such as DPT's). After a reducing layer those hidden states are unmerged
+    (:func:`tokenmerge_patch.unmerge`, by the record each one carries), so the backbone's code finds the full sequence
+    and its ``feature_maps`` and ``hidden_states`` have the unpatched shapes: every patch gets its token's features.
+    The layers themselves still pass the reduced tokens on."""
+
+    def __init__(self, encoder: nn.Module, state: TokenMergeState) -> None:
+        self.encoder, self.state = encoder, state
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        output = type(self.encoder).forward(self.encoder, *args, **kwargs)
+        hidden_states = getattr(output, "hidden_states", None)
+        if isinstance(hidden_states, tuple):
+            output.hidden_states = tuple(self._unmerge(h) for h in hidden_states)
+        return output
+
+    def _unmerge(self, hidden_state: Tensor) -> Tensor:
+        record = record_of(hidden_state)  # None before the first reducing layer: the full sequence already
+        return hidden_state if record is None else unmerge(hidden_state, record, num_prefix=self.state.num_prefix)
+
+
 class HFBackend:
     name = "hf"
 
@@ -363,6 +390,8 @@ class HFBackend:
                 check_overridable(getattr(attention, name), f"layer {index}'s {name}", (OutputTap,))
         for index in (*config.layers, *config.later_layers(len(layers))):
             check_overridable(layers[index], f"layer {index}", (ReducingLayerForward, LaterLayerForward))
+        if isinstance(model, _registry().dense):
+            check_overridable(model.encoder, "the backbone's encoder", (UnmergedHiddenStates,))
         return num_prefix
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
@@ -376,7 +405,9 @@ class HFBackend:
                 state.override(tap.module, "forward", tap)
         for index in config.later_layers(len(layers)):  # pass the record on (with prop_attn: log(size) masks)
             state.override(layers[index], "forward", LaterLayerForward(layers[index], state, index))
-        if isinstance(model, _registry().concat_mean):
+        if isinstance(model, _registry().dense):  # feature maps: unmerged back to the full patch grid
+            state.override(model.encoder, "forward", UnmergedHiddenStates(model.encoder, state))
+        elif isinstance(model, _registry().concat_mean):
             pool = SizeWeightedPatchMean(model, state)
             state.override(backbone.layernorm, "forward", pool.keep)
             state.override(model.classifier, "forward", pool)

@@ -31,10 +31,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..records import record_of, record_sizes, tag
+from ..dense import unmerge
+from ..records import record_of, record_sizes
 from ..reduce import size_weighted_mean
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
@@ -127,7 +129,7 @@ class ReducingBlockForward:
             scale = block.attn.head_dim**-0.5
         x = x + block.ls_1(y)
         x, record = state.reduce(self.layer, x, q, k, scale, record, attn_bias=bias)
-        out = tag(x + block.ls_2(block.mlp(block.ln_2(x))), record)
+        out = state.collect(x + block.ls_2(block.mlp(block.ln_2(x))), record)
         if self.layer == state.depth - 1:
             state.publish(record)
         return out
@@ -155,7 +157,7 @@ class LaterBlockForward:
             out = x + block.ls_2(block.mlp(block.ln_2(x)))
         if self.layer == state.depth - 1:
             state.publish(record)
-        return tag(out, record)
+        return state.collect(out, record)
 
     def __repr__(self) -> str:
         return f"LaterBlockForward(layer={self.layer})"
@@ -178,8 +180,9 @@ class SizeWeightedGlobalPool:
 
 class GridCheckedIntermediates:
     """Replaces ``visual.forward_intermediates``: after a reducing block the tokens no longer fill the patch grid, so
-    ``output_fmt="NCHW"`` (open_clip's default) is refused for those blocks instead of reshaping tokens into wrong
-    feature maps; ``"NLC"`` works."""
+    ``output_fmt="NCHW"`` (open_clip's default) maps are built by unmerging, as for timm (each grid cell gets the
+    features of the token holding that patch; :func:`tokenmerge_patch.unmerge`): the maps have the unpatched shapes.
+    ``"NLC"`` returns the reduced tokens as they are."""
 
     def __init__(self, visual: nn.Module, state: TokenMergeState) -> None:
         self.visual, self.state = visual, state
@@ -188,18 +191,30 @@ class GridCheckedIntermediates:
         visual = self.visual
         call = inspect.signature(type(visual).forward_intermediates).bind(visual, x, *args, **kwargs)
         call.apply_defaults()
-        if call.arguments.get("output_fmt") == "NCHW":
-            from timm.models._features import feature_take_indices  # open_clip depends on timm
-
-            taken, _ = feature_take_indices(len(visual.transformer.resblocks), call.arguments.get("indices"))
-            first = self.state.config.layers[0]
-            late = [i for i in taken if i >= first]
-            if late:
-                raise ValueError(
-                    f"blocks {late} come after token reduction (block {first}), so their tokens no longer form an "
-                    "image grid: use output_fmt='NLC', earlier indices, or unpatch"
-                )
-        return type(visual).forward_intermediates(visual, x, *args, **kwargs)
+        if call.arguments.get("output_fmt") != "NCHW":
+            return type(visual).forward_intermediates(visual, x, *args, **kwargs)
+        want_prefix = call.arguments.get("output_extra_tokens", False)
+        call.arguments.update(output_fmt="NLC", output_extra_tokens=True)
+        height, width = x.shape[-2] // visual.patch_size[0], x.shape[-1] // visual.patch_size[1]
+        with self.state.collecting() as records:
+            out = type(visual).forward_intermediates(*call.args, **call.kwargs)
+            maps = []
+            for patches, prefix in zip(out["image_intermediates"], out["image_intermediates_prefix"], strict=True):
+                record = records.get(patches.untyped_storage().data_ptr())
+                if record is not None and record[0].shape[1] == prefix.shape[1] + patches.shape[1]:
+                    patches = unmerge(torch.cat([prefix, patches], dim=1), record, num_prefix=prefix.shape[1])
+                    patches = patches[:, prefix.shape[1] :]
+                elif patches.shape[1] != height * width:
+                    raise ValueError(
+                        f"an intermediate has {patches.shape[1]} patch tokens for a grid of {height * width} patches "
+                        "and no merge record to unmerge them by (a forward hook replaced a block's output?): use "
+                        "output_fmt='NLC', earlier indices, or unpatch"
+                    )
+                maps.append(patches.reshape(patches.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous())
+        out["image_intermediates"] = maps
+        if not want_prefix:
+            del out["image_intermediates_prefix"]
+        return out
 
 
 class OpenCLIPBackend:

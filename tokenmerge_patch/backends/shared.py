@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from torch import Tensor, nn
 
-from ..records import record_of, tag
+from ..records import record_of
 
 if TYPE_CHECKING:
     from ..patch import TokenMergeState
@@ -82,7 +82,7 @@ class RecordKeepingNorm:
     def __call__(self, x: Tensor) -> Tensor:
         record = record_of(x)
         self.state.publish(record)
-        return tag(type(self.norm).forward(self.norm, x), record)
+        return self.state.collect(type(self.norm).forward(self.norm, x), record)
 
 
 def refuse_masks(layer: int, mask: Tensor | None, is_causal: bool = False, name: str = "attn_mask") -> None:

@@ -13,13 +13,19 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from timm.models._features import feature_take_indices
+import torch
 
 # timm.models.vision_transformer has had Attention in every 1.0.x (it moved to timm.layers later)
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
-from ..records import record_of, record_sizes, tag
+try:  # features_only=True models (timm >= 1.0: forward_intermediates); a private module, so guarded
+    from timm.models._features import FeatureGetterNet
+except ImportError:  # pragma: no cover
+    FeatureGetterNet = ()
+
+from ..dense import unmerge
+from ..records import record_of, record_sizes
 from ..reduce import size_weighted_mean
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
@@ -49,7 +55,7 @@ class ReducingBlockForward:
         y, (q, k) = read_taps(self.taps, lambda: attn(normed) if bias is None else attn(normed, attn_mask=bias))
         x = x + block.drop_path1(block.ls1(y))
         x, record = state.reduce(self.layer, x, q, k, attn.scale, record, attn_bias=bias)
-        out = tag(x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record)
+        out = state.collect(x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record)
         if self.layer == state.depth - 1:
             state.publish(record)
         return out
@@ -79,16 +85,22 @@ class LaterBlockForward:
             out = type(block).forward(block, x, attn_mask=bias)
         if self.layer == state.depth - 1:
             state.publish(record)
-        return tag(out, record)
+        return state.collect(out, record)
 
     def __repr__(self) -> str:
         return f"LaterBlockForward(layer={self.layer})"
 
 
 class GridCheckedIntermediates:
-    """Replaces ``VisionTransformer.forward_intermediates``: after a reducing block the tokens no longer fill
-    the patch grid, so asking for them as NCHW feature maps (timm's default, and ``features_only``) is
-    refused instead of silently folding tokens into channels. ``output_fmt="NLC"`` works."""
+    """Replaces ``VisionTransformer.forward_intermediates``: after a reducing block the tokens no longer fill the
+    patch grid, so NCHW feature maps (timm's default, ``features_only`` models, ``get_intermediate_layers(...,
+    reshape=True)``) are built by unmerging: each grid cell gets the features of the token that holds that patch
+    (:func:`tokenmerge_patch.unmerge`; a patch ``method="drop"`` discarded gets zeros). The maps have the unpatched
+    shapes at any keep rate. ``output_fmt="NLC"`` returns the reduced tokens as they are (fewer than the grid).
+
+    timm's own method runs with ``output_fmt="NLC"`` and the prefix tokens returned; the blocks file their outputs'
+    records while it runs (:meth:`TokenMergeState.collecting`), and each intermediate, a slice of such an output,
+    finds its record by the storage it shares with it."""
 
     def __init__(self, model: VisionTransformer, state: TokenMergeState) -> None:
         self.model = model
@@ -98,16 +110,48 @@ class GridCheckedIntermediates:
         model = self.model
         call = inspect.signature(type(model).forward_intermediates).bind(model, x, indices, *args, **kwargs)
         call.apply_defaults()
-        if call.arguments.get("output_fmt") == "NCHW":
-            taken, _ = feature_take_indices(len(model.blocks), indices)
-            first = self.state.config.layers[0]
-            late = [i for i in taken if i >= first]
-            if late:
-                raise ValueError(
-                    f"blocks {late} come after token reduction (block {first}), so their tokens no longer form an "
-                    "image grid: use output_fmt='NLC', earlier indices, or unpatch"
-                )
-        return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
+        if call.arguments.get("output_fmt") != "NCHW":
+            return type(model).forward_intermediates(model, x, indices, *args, **kwargs)
+        want_prefix = call.arguments.get("return_prefix_tokens", False)
+        call.arguments.update(output_fmt="NLC", return_prefix_tokens=True)
+        embed = model.patch_embed
+        size = tuple(x.shape[-2:])
+        grid = embed.dynamic_feat_size(size) if hasattr(embed, "dynamic_feat_size") else embed.grid_size
+        with self.state.collecting() as records:
+            result = type(model).forward_intermediates(*call.args, **call.kwargs)
+
+            def to_map(patches: Tensor, prefix: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+                dense = self._map(patches, prefix, records, grid)
+                return (dense, prefix) if want_prefix and not isinstance(result, dict) else dense
+
+            if isinstance(result, dict):
+                prefixes = result["image_intermediates_prefix"]
+                maps = [to_map(t, p) for t, p in zip(result["image_intermediates"], prefixes, strict=True)]
+                out = {**result, "image_intermediates": maps}
+                if not want_prefix:
+                    del out["image_intermediates_prefix"]
+                return out
+            if call.arguments.get("intermediates_only"):
+                return [to_map(*pair) for pair in result]
+            final, pairs = result
+            return final, [to_map(*pair) for pair in pairs]
+
+    def _map(self, patches: Tensor, prefix: Tensor, records: dict, grid: tuple[int, int]) -> Tensor:
+        """One intermediate's patch tokens as an ``[B, C, H, W]`` map, unmerged by the record of the block output
+        they were cut from."""
+        height, width = grid
+        record = records.get(patches.untyped_storage().data_ptr())
+        if record is not None and record[0].shape[1] == prefix.shape[1] + patches.shape[1]:
+            tokens = unmerge(torch.cat([prefix, patches], dim=1), record, num_prefix=prefix.shape[1])
+            patches = tokens[:, prefix.shape[1] :]
+        elif patches.shape[1] != height * width:
+            raise ValueError(
+                f"an intermediate has {patches.shape[1]} patch tokens for a grid of {height * width} patches and no "
+                "merge record to unmerge them by (a forward hook replaced a block's output?): its tokens no longer "
+                "form an image grid; use output_fmt='NLC', earlier indices, or unpatch"
+            )
+        # else: from before the first reduction, the grid as it is
+        return patches.reshape(patches.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
 
 
 class SizeWeightedPool:
@@ -148,16 +192,25 @@ class SizeWeightedPool:
             )
 
 
+def _vit(model: nn.Module) -> VisionTransformer | None:
+    """The ``VisionTransformer`` of ``model``: itself, or the one a ``features_only=True`` model (timm's
+    ``FeatureGetterNet``, which calls its ``forward_intermediates``) wraps; ``None`` for anything else."""
+    if isinstance(model, FeatureGetterNet):
+        model = getattr(model, "model", None)
+    return model if isinstance(model, VisionTransformer) else None
+
+
 class TimmBackend:
     name = "timm"
 
     def claims(self, model: nn.Module) -> bool:
-        return isinstance(model, VisionTransformer)
+        return _vit(model) is not None
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.blocks
+        return _vit(model).blocks
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
+        model = _vit(model)
         if getattr(model, "cls_token", None) is None:
             raise ValueError(
                 "model has no class token (class_token=False, e.g. global_pool='map' or 'avg' models "
@@ -187,6 +240,7 @@ class TimmBackend:
         return int(model.num_prefix_tokens)
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
+        model = _vit(model)
         config = state.config
         for layer in config.layers:
             block = model.blocks[layer]
@@ -203,10 +257,12 @@ class TimmBackend:
             state.override(model, "forward_intermediates", GridCheckedIntermediates(model, state))
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
-        embed = model.patch_embed
+        embed = _vit(model).patch_embed
         return (int(embed.proj.in_channels), *(int(v) for v in embed.img_size))
 
     def class_token_head(self, model: nn.Module) -> bool:
+        if not isinstance(model, VisionTransformer):  # features_only: dense feature maps read every patch
+            return False
         return model.global_pool == "token" and getattr(model, "attn_pool", None) is None
 
     def tokens_of(self, block_output: object) -> int:

@@ -27,7 +27,7 @@ from timm.layers import AttentionRope, apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import Tensor, nn
 
-from ..records import record_positions, tag
+from ..records import record_positions
 from ..reduce import rotary_rows
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 from .timm import GridCheckedIntermediates, SizeWeightedPool
@@ -95,7 +95,7 @@ class EvaReducingBlockForward:
         y = block.mlp(block.norm2(x))
         if block.gamma_2 is not None:
             y = block.gamma_2 * y
-        out = tag(x + block.drop_path2(y), record)
+        out = state.collect(x + block.drop_path2(y), record)
         if self.layer == state.depth - 1:
             state.publish(record)
         return out
@@ -128,7 +128,7 @@ class EvaLaterBlockForward:
         out = type(block).forward(block, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         if self.layer == state.depth - 1:
             state.publish(record)
-        return tag(out, record)
+        return state.collect(out, record)
 
     def __repr__(self) -> str:
         return f"EvaLaterBlockForward(layer={self.layer})"
