@@ -198,6 +198,38 @@ def test_features_only_model(images: Tensor) -> None:
     assert model_snapshot(net)[1] == before[1]
 
 
+def test_features_only_model_is_refused_by_calibrate_and_left_as_it_was(images: Tensor) -> None:
+    """calibrate compares a head's outputs; feature maps are not one: a clear TypeError, the patch unchanged."""
+    kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    net = timm.create_model("vit_tiny_patch16_224", features_only=True, out_indices=(1, 2, 3), **kwargs).eval()
+    tm.patch(net, layers=(1, 2), keep_rate=0.5)
+    before = tm.patch_config(net)
+    with pytest.raises(TypeError, match="feature maps of a dense backbone"):
+        tm.calibrate(net, images, flops=0.6, progress=False)
+    assert tm.patch_config(net) == before
+
+
+def test_a_dense_call_keeps_the_tensors_it_filed_alive() -> None:
+    """Records are found by storage: a tensor filed during a dense call stays alive until the call ends, so no later
+    tensor of the call can be allocated in its storage and be taken for it (records of None are filed too)."""
+    import gc
+    import weakref
+
+    model = tm.patch(make_model("vit"), layers=(1,), keep_rate=0.5)
+    state = model._tokenmerge
+    with state.collecting() as filed:
+        x = torch.randn(2, 5, 8)
+        alive = weakref.ref(x)
+        pointer = x.untyped_storage().data_ptr()
+        state.collect(x, None)
+        del x
+        gc.collect()
+        assert alive() is not None and pointer in filed and filed[pointer] is None
+    del filed  # the call is over: nothing of the model holds the tensor any more
+    gc.collect()
+    assert alive() is None and state.collectors == []
+
+
 # -- unmerge, the pure function ---------------------------------------------------------------------------------
 
 

@@ -318,6 +318,35 @@ def test_clip_flops_budget_and_calibration(images: Tensor) -> None:
     assert plan.depth == 4 and 0.59 <= tm.count_flops(model, (3, 32, 32)).total / full <= 0.6
 
 
+def test_clip_merge_pictures_export_and_finetune_use_the_image_side(images: Tensor, tmp_path) -> None:
+    """The tools that run a model on images alone run a CLIPModel's image side (its forward wants text too):
+    merge_sources sees the same groups as the vision twin, export_onnx writes get_image_features, and finetune
+    (a classifier loop) refuses it clearly, leaving it as it was."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    from tokenmerge_patch.vis import merge_sources
+
+    model = make_clip().eval()
+    twin = clip_twin(model).eval()
+    tm.patch(model, layers=(1, 2), keep_rate=0.5)
+    tm.patch(twin, layers=(1, 2), keep_rate=0.5)
+    ours, theirs = merge_sources(model, images[0]), merge_sources(twin, images[0])
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    tm.export_onnx(model, tmp_path / "clip.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "clip.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: images.numpy()})[0]
+    with torch.no_grad():
+        want = model.get_image_features(pixel_values=images).pooler_output
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+
+    before = _snapshot(model)
+    with pytest.raises(TypeError, match="multimodal model whose forward wants text"):
+        tm.finetune(model, [images], epochs=1)
+    assert _snapshot(model) == before and tm.is_patched(model)
+
+
 # -- still refused: SigLIP has no class token ---------------------------------------------------------------------
 
 

@@ -229,6 +229,12 @@ def _output_vector(output: object) -> Tensor:
     if isinstance(output, Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        if output[0].dim() != 2:  # feature maps (features_only), not a head: nothing to compare predictions by
+            raise TypeError(
+                f"cannot calibrate a model returning a {type(output).__name__} of {output[0].dim()}-d tensors (feature "
+                "maps of a dense backbone, e.g. features_only=True): calibrate keeps a classifier's or an embedding "
+                "model's outputs; calibrate the model with its head, or use patch(backbone, flops=...)"
+            )
         return output[0] if len(output) == 1 or not isinstance(output[1], Tensor) else (output[0] + output[1]) / 2
     for key in ("logits", "image_embeds", "pooler_output"):
         value = getattr(output, key, None)

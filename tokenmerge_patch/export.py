@@ -14,13 +14,14 @@ refused with a clear message (use ``torch.compile``, or the exporters above).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .backends import find_backend
+from .backends import find_backend, image_model
 from .patch import patch_config
 
 
@@ -42,7 +43,9 @@ def export_onnx(
     ``torch.export.export`` and ``torch.onnx.export(..., dynamo=True)`` called directly.
 
     Args:
-        model: the model to export, in the mode it should run in (call ``model.eval()`` first for inference).
+        model: the model to export, in the mode it should run in (call ``model.eval()`` first for inference). For a
+            CLIP model (Hugging Face ``CLIPModel``, open_clip ``CLIP``) its image side is exported: images in, image
+            features out (``get_image_features`` / ``model.visual``).
         path: the ``.onnx`` file to write (its folder must exist); weights are stored inside it unless the model
             is over 2 GB, then next to it.
         example: an input batch ``[B, C, H, W]`` with the model's dtype and device; ``None``: zeros of the size the
@@ -101,6 +104,8 @@ def export_onnx(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder to write {path.name} into does not exist: {path.parent}")
 
+    with contextlib.suppress(TypeError):  # a model tokenmerge_patch does not know is exported as it is
+        model = image_model(model)  # CLIP: its image side (the forward wants text too)
     trace = example
     if dynamic_batch and example.shape[0] == 1:
         # torch.export specialises a dimension that is 1 in the example: trace a batch of 2 instead

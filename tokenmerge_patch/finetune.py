@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from .backends import image_model
 from .evaluation import Batch, logits_of, parse_batch
 from .patch import PatchConfig, is_patched, patch_config, set_keep_rate
 from .schedule import warmup_keep_rates
@@ -658,6 +659,11 @@ def _check_model(model: nn.Module, teacher: nn.Module | None) -> PatchConfig:
         raise ValueError(
             "model is not patched; call tokenmerge_patch.patch(model, layers=..., keep_rate=...) first "
             "(finetune trains at the patch's keep rates)"
+        )
+    if image_model(model) is not model:
+        raise TypeError(
+            f"finetune trains a classifier on images; {type(model).__name__} is a multimodal model whose forward wants "
+            "text too (CLIP): fine-tune an image classifier, or patch the vision model you train on its own"
         )
     if not any(param.requires_grad for param in model.parameters()):
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")

@@ -133,11 +133,11 @@ class TokenMergeState:
         return out.x, (sizes, source, reduced, trace, out.positions)
 
     @contextmanager
-    def collecting(self) -> Iterator[dict[int, TokenRecord]]:
+    def collecting(self) -> Iterator[dict[int, TokenRecord | None]]:
         """Open a dense call (timm ``forward_intermediates``): while it is open, :meth:`collect` files each block's
         output record under the tensor's storage, so slices the caller cuts from those outputs (which carry no
         record of their own) can still be unmerged. Nested calls get their own collector."""
-        collector: dict[int, TokenRecord] = {}
+        collector = _Collector()
         self.collectors.append(collector)
         try:
             yield collector
@@ -145,11 +145,14 @@ class TokenMergeState:
             self.collectors.remove(collector)
 
     def collect(self, x: Tensor, record: TokenRecord | None) -> Tensor:
-        """Tag ``x`` with ``record`` and, inside :meth:`collecting`, file the record under ``x``'s storage. A tensor
-        filed there stays alive until the dense call reads it (it is one of its intermediates), so no other tensor
-        can reuse its storage meanwhile; a re-entrant forward only adds entries for storages of its own."""
-        if self.collectors and record is not None:
-            self.collectors[-1][x.untyped_storage().data_ptr()] = record
+        """Tag ``x`` with ``record`` and, inside :meth:`collecting`, file the record (``None`` too) under ``x``'s
+        storage. The collector holds ``x`` until the dense call ends, so no later tensor of the call (a normalised
+        intermediate, say) can be allocated in the same storage and be mistaken for it; a re-entrant forward only
+        adds entries for storages of its own."""
+        if self.collectors:
+            collector = self.collectors[-1]
+            collector[x.untyped_storage().data_ptr()] = record
+            collector.alive.append(x)
         return tag(x, record)
 
     def publish(self, record: TokenRecord | None) -> None:
@@ -163,6 +166,14 @@ class TokenMergeState:
         state["records"] = {}  # per-forward bookkeeping is not part of the model
         state["collectors"] = []
         return state
+
+
+class _Collector(dict):
+    """Records filed by storage during one dense call, and the tensors they were filed for (kept alive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive: list[Tensor] = []
 
 
 def _state(model: nn.Module) -> TokenMergeState | None:

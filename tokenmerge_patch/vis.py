@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .backends import image_model
 from .patch import _state, patch, reduction_trace  # noqa: F401  (patch: doctest)
 from .utils import eval_mode
 
@@ -49,7 +50,7 @@ def merge_sources(model: nn.Module, image: Tensor) -> dict[int, Tensor]:
         raise ValueError(f"image has {image.shape[0]} channels but the model takes {conv.in_channels}")
     with eval_mode(model):  # source maps are always tracked
         param = next(model.parameters())
-        model(image[None].to(param.device, param.dtype))
+        image_model(model)(image[None].to(param.device, param.dtype))  # CLIP: its image side
     trace = reduction_trace(model)
     return {layer: record.source[0].cpu() for layer, record in trace.items()}
 
