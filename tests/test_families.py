@@ -361,3 +361,30 @@ def test_siglip_is_refused_clearly_and_untouched() -> None:
         with pytest.raises(TypeError, match=r"got Siglip\w*Model \(SigLIP vision towers have no class token"):
             tm.patch(model, layers=(1,), keep_rate=0.5)
         assert not tm.is_patched(model) and _snapshot(model) == before
+
+
+def test_swin_and_sam_are_refused_clearly_and_untouched() -> None:
+    """Windowed attention without a class token (Swin) and SAM's image encoder: nothing to score by, refused."""
+    from transformers import SamVisionConfig, SamVisionModel, SwinConfig, SwinModel
+
+    models = [
+        SwinModel(
+            SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
+        ),
+        SamVisionModel(
+            SamVisionConfig(
+                image_size=64,
+                patch_size=16,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                output_channels=16,
+                global_attn_indexes=[1],
+            )
+        ),
+    ]
+    for model in models:
+        before = _snapshot(model)
+        with pytest.raises(TypeError, match=f"supports .*got {type(model).__name__}"):
+            tm.patch(model, layers=(1,), keep_rate=0.5)
+        assert not tm.is_patched(model) and _snapshot(model) == before

@@ -569,3 +569,32 @@ def test_hf_siglip_is_refused() -> None:
     with pytest.raises(TypeError, match="DINOv3ViTModel"):
         tm.patch(model)
     assert not tm.is_patched(model)
+
+
+def test_features_only_dinov3_backbone_gives_unmerged_maps() -> None:
+    """A timm DINOv3 features_only backbone (what segmentation and depth heads read) patches directly: keep 1 is the
+    unpatched backbone; after a reduction each grid cell is the feature of the token that holds that patch."""
+    kwargs = {key: value for key, value in SMALL.items() if key != "num_classes"}
+    torch.manual_seed(0)
+    net = timm.create_model("vit_base_patch16_dinov3", features_only=True, out_indices=(1, 2, 3), **kwargs).eval()
+    _perturb(net, 0)
+    x = images()
+    with torch.no_grad():
+        unpatched = net(x)
+        tm.patch(net, layers=(1, 2, 3), keep_rate=1.0)
+        keep_one = net(x)
+        tm.patch(net, layers=LAYERS, keep_rate=0.5)
+        maps = net(x)
+        tokens = net.model.forward_intermediates(x, indices=[3], output_fmt="NLC", intermediates_only=True)[0]
+        source = tm.reduction_trace(net)[max(LAYERS)].source  # [B, 36]: the token (prefix counted) of each patch
+    for got, want in zip(keep_one, unpatched, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert [m.shape for m in maps] == [m.shape for m in unpatched]
+    cells = maps[-1].flatten(2).transpose(1, 2)  # [B, 36, C] in grid order
+    prefix = net.model.num_prefix_tokens
+    for b in range(x.shape[0]):
+        for patch_index in range(36):
+            torch.testing.assert_close(cells[b, patch_index], tokens[b, source[b, patch_index] - prefix])
+    tm.unpatch(net)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(net(x), unpatched, strict=True))

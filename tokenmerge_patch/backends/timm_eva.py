@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..records import record_positions
 from ..reduce import rotary_rows
 from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
-from .timm import GridCheckedIntermediates, SizeWeightedPool
+from .timm import FeatureGetterNet, GridCheckedIntermediates, SizeWeightedPool
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
@@ -138,12 +138,13 @@ class EvaBackend:
     name = "timm-eva"
 
     def claims(self, model: nn.Module) -> bool:
-        return isinstance(model, Eva)
+        return _eva(model) is not None
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.blocks
+        return _eva(model).blocks
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
+        model = _eva(model)
         if getattr(model, "cls_token", None) is None:
             raise ValueError(
                 "model has no class token (class_token=False, e.g. vit_*_rope_reg*_gap_256 and the PE gigantic "
@@ -171,6 +172,7 @@ class EvaBackend:
         return int(model.num_prefix_tokens)
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
+        model = _eva(model)
         config = state.config
         for layer in config.layers:
             block = model.blocks[layer]
@@ -186,10 +188,12 @@ class EvaBackend:
         state.override(model, "forward_intermediates", GridCheckedIntermediates(model, state))
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
-        embed = model.patch_embed
+        embed = _eva(model).patch_embed
         return (int(embed.proj.in_channels), *(int(v) for v in embed.img_size))
 
     def class_token_head(self, model: nn.Module) -> bool:
+        if not isinstance(model, Eva):  # features_only: dense feature maps read every patch
+            return False
         return model.global_pool == "token" and getattr(model, "attn_pool", None) is None
 
     def tokens_of(self, block_output: object) -> int:
@@ -197,6 +201,14 @@ class EvaBackend:
 
     def block_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
         return block.attn, block.mlp, block.attn.num_heads * block.attn.head_dim
+
+
+def _eva(model: nn.Module) -> Eva | None:
+    """The ``Eva`` of ``model``: itself, or the one a ``features_only=True`` model (timm's ``FeatureGetterNet``, which
+    calls its ``forward_intermediates``) wraps; ``None`` for anything else."""
+    if isinstance(model, FeatureGetterNet):
+        model = getattr(model, "model", None)
+    return model if isinstance(model, Eva) else None
 
 
 OWN_FORWARDS = (EvaReducingBlockForward, EvaLaterBlockForward)
