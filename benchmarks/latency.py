@@ -1,7 +1,7 @@
 """Speed at the limit: latency of a patched ViT against the token-count oracle, at batch 1 and 16, under eager
 PyTorch, ``torch.compile`` and ONNX Runtime.
 
-    python benchmarks/latency.py              # DeiT-S, merge 0.7 in blocks 3, 6, 9 (about 15 min on 2 cores)
+    python benchmarks/latency.py              # DeiT-S, merge 0.7 in blocks 3, 6, 9 (about 11 min on 2 cores)
     python benchmarks/latency.py --quick      # DeiT-T, eager and ONNX Runtime, few rounds: latency_quick.*
     python benchmarks/latency.py --device cuda --dtype bf16   # a GPU (autocast; ONNX Runtime needs onnxruntime-gpu)
 

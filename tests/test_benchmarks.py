@@ -110,6 +110,11 @@ OUTPUTS = [
     ("profile_reduction", [], ["profile_reduction"]),
     ("profile_reduction", ["--rounds", "3"], ["profile_reduction_quick"]),
     ("profile_reduction", ["--model", "deit_tiny_patch16_224"], ["profile_reduction_quick"]),
+    ("latency", [], ["latency"]),
+    ("latency", ["--quick"], ["latency_quick"]),
+    ("latency", ["--rounds", "3"], ["latency_quick"]),
+    ("latency", ["--batch-sizes", "1"], ["latency_quick"]),
+    ("latency", ["--runtimes", "eager"], ["latency_quick"]),
     ("merge_pictures", [], ["merge_groups_mnist", "merge_groups_photos"]),
     ("merge_pictures", ["--keep-rate", "0.3"], ["merge_groups_mnist_quick", "merge_groups_photos_quick"]),
     ("merge_pictures", ["--digits", "5,6"], ["merge_groups_mnist_quick", "merge_groups_photos"]),
@@ -131,7 +136,7 @@ def test_quick_results_are_git_ignored() -> None:
     if shutil.which("git") is None or not (BENCHMARKS.parent / ".git").exists():
         pytest.skip("not a git checkout")
     names = ["flops_quick.csv", "accuracy_quick.png", "finetune_quick.json", "profile_reduction_quick.md"]
-    names += ["merge_groups_mnist_quick.png"]
+    names += ["merge_groups_mnist_quick.png", "latency_quick.md"]
     done = subprocess.run(
         ["git", "check-ignore", *(f"benchmarks/results/{name}" for name in names)],
         cwd=BENCHMARKS.parent,
