@@ -140,6 +140,7 @@ def test_remove_restores_the_model(images: torch.Tensor) -> None:
     remove_multiscale(model)
     assert set(model.state_dict()) == keys and not has_multiscale(model)
     assert "forward" not in model.blocks[0].__dict__ and "forward_features" not in model.__dict__
+    assert "forward_intermediates" not in model.__dict__
     with torch.no_grad():
         assert torch.equal(model(images), before)
 
@@ -227,3 +228,24 @@ def test_a_foreign_forward_features_is_not_replaced() -> None:
     with pytest.raises(TypeError, match="instance-level forward_features"):
         add_multiscale(model)
     assert not has_multiscale(model)
+
+
+def test_forward_intermediates_is_refused_while_the_module_is_on(images: torch.Tensor) -> None:
+    """timm's forward_intermediates runs the single-scale path: with the module on it would skip the fusion, so it is
+    refused (patched or not, in either order); after remove_multiscale it is timm's own again."""
+    for order in ("unpatched", "patch first", "module first"):
+        model = make_model("vit")
+        if order == "patch first":
+            tm.patch(model, layers=(1, 3), keep_rate=0.5)
+        add_multiscale(model, low_patch_size=16)
+        if order == "module first":
+            tm.patch(model, layers=(1, 3), keep_rate=0.5)
+        for fmt in ("NCHW", "NLC"):
+            with pytest.raises(ValueError, match="skips the multi-scale fusion"):
+                model.forward_intermediates(images, output_fmt=fmt)
+        remove_multiscale(model)
+        tm.unpatch(model)
+        with torch.no_grad():
+            _, maps = model.forward_intermediates(images)
+            reference = make_model("vit").forward_intermediates(images)[1]
+        assert all(torch.equal(a, b) for a, b in zip(maps, reference, strict=True))

@@ -195,6 +195,28 @@ class MultiScaleForwardFeatures:
         return model.norm(x)
 
 
+def refuse_intermediates(model: nn.Module) -> None:
+    """``forward_intermediates`` runs timm's single-scale path: with the multi-scale module on it would silently skip
+    the fusion, so its features would not be the ones the model's forward computes."""
+    if ATTRIBUTE in model._modules:
+        raise ValueError(
+            "forward_intermediates runs timm's single-scale path, which skips the multi-scale fusion this model has: "
+            "use forward_features (fused), or remove_multiscale(model) first"
+        )
+
+
+class MultiScaleIntermediates:
+    """Replaces ``VisionTransformer.forward_intermediates`` while the multi-scale module is on (refused, see
+    :func:`refuse_intermediates`); left behind after removal, it is timm's own method again."""
+
+    def __init__(self, model: VisionTransformer) -> None:
+        self.model = model
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        refuse_intermediates(self.model)
+        return type(self.model).forward_intermediates(self.model, *args, **kwargs)
+
+
 def add_multiscale(
     model: VisionTransformer,
     *,
@@ -255,6 +277,8 @@ def add_multiscale(
     fusion = MultiScaleFusion(model, low_patch_size, fuse_at, downsample_blocks).to(param.device, param.dtype)
     model.add_module(ATTRIBUTE, fusion)
     model.__dict__["forward_features"] = MultiScaleForwardFeatures(model)
+    if "forward_intermediates" not in model.__dict__ and hasattr(type(model), "forward_intermediates"):
+        model.__dict__["forward_intermediates"] = MultiScaleIntermediates(model)  # a patch's own checks it too
     for index in range(downsample_blocks):
         model.blocks[index].__dict__["forward"] = DownsampledAttentionForward(model.blocks[index], model)
     return model
@@ -270,6 +294,8 @@ def remove_multiscale(model: VisionTransformer) -> VisionTransformer:
             del block.__dict__["forward"]
     if isinstance(model.__dict__.get("forward_features"), MultiScaleForwardFeatures):
         del model.__dict__["forward_features"]
+    if isinstance(model.__dict__.get("forward_intermediates"), MultiScaleIntermediates):
+        del model.__dict__["forward_intermediates"]
     del model._modules[ATTRIBUTE]
     return model
 

@@ -107,7 +107,10 @@ class GridCheckedIntermediates:
         self.state = state
 
     def __call__(self, x: Tensor, indices: int | list[int] | None = None, *args: object, **kwargs: object) -> object:
+        from ..multiscale import refuse_intermediates  # multiscale imports the patch machinery: imported late
+
         model = self.model
+        refuse_intermediates(model)
         call = inspect.signature(type(model).forward_intermediates).bind(model, x, indices, *args, **kwargs)
         call.apply_defaults()
         if call.arguments.get("output_fmt") != "NCHW":
