@@ -197,8 +197,9 @@ def runner(runtime: str, model: nn.Module, images: Tensor, args: argparse.Namesp
     import onnxruntime
 
     path = workdir / f"{id(model)}.onnx"
-    if not path.exists():
-        tm.export_onnx(model, path, images[:1].float().cpu())
+    if not path.exists():  # exported from a float32 CPU copy; the CUDA provider moves it to the GPU itself
+        source = model if device_type == "cpu" else copy.deepcopy(model).cpu().float()
+        tm.export_onnx(source, path, images[:1].float().cpu())
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     providers = ["CUDAExecutionProvider"] if device_type == "cuda" else ["CPUExecutionProvider"]
