@@ -403,7 +403,7 @@ def test_deepcopy_and_pickle(images: Tensor) -> None:
     buffer.seek(0)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)):
         assert tm.is_patched(clone) and type(clone) is type(model)
-        assert clone.dinov2.encoder.layer[1].forward.layer is clone.dinov2.encoder.layer[1]
+        assert clone.dinov2.encoder.layer[1].forward.block is clone.dinov2.encoder.layer[1]
         assert clone.classifier.forward.model is clone
         with torch.no_grad():
             assert torch.equal(clone(images).logits, expected)

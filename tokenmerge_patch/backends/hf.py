@@ -36,9 +36,9 @@ import torch
 from torch import Tensor, nn
 
 from ..dense import unmerge
-from ..records import TokenRecord, record_of, record_positions, record_sizes, tag
+from ..records import TokenRecord, record_of, record_positions, record_sizes
 from ..reduce import exporting, rotary_rows, size_weighted_mean
-from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
+from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
@@ -213,30 +213,31 @@ def _mask_outside_export(mask: Tensor | None) -> Tensor | None:
     return None if exporting() else mask
 
 
-class ReducingLayerForward:
-    """Replaces a reducing layer's ``forward`` (an instance attribute: the layer stays the same object with the same
-    submodules, and forward hooks on it, such as ``output_hidden_states`` capture, see the reduced output)."""
+class ReducingLayerForward(BlockForward):
+    """Replaces a reducing layer's ``forward`` (forward hooks on the layer, such as ``output_hidden_states`` capture,
+    see the reduced output)."""
 
     def __init__(self, layer: nn.Module, state: TokenMergeState, index: int, layout: LayerLayout) -> None:
-        self.layer, self.state, self.index, self.layout = layer, state, index, layout
+        super().__init__(layer, state, index)
+        self.layout = layout
         attention = getattr(layer, layout.attention)
         # q and k are read as they leave q_proj / k_proj, whose forwards are taps installed next to this one
         self.taps = (OutputTap(attention.q_proj), OutputTap(attention.k_proj))
         self.rotary = _rotary(layer)
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
-        refuse_masks(self.index, _mask_outside_export(attention_mask), name="attention_mask")
-        check_device(hidden_states, getattr(self.layer, self.layout.attention).q_proj.weight)
-        layer = self.layer
+        refuse_masks(self.layer, _mask_outside_export(attention_mask), name="attention_mask")
+        check_device(hidden_states, getattr(self.block, self.layout.attention).q_proj.weight)
+        layer = self.block
         # what the class-level forward would have done (HF's wrapper also skips checkpointing without grad)
         if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
             return layer._gradient_checkpointing_func(partial(self.run, **kwargs), hidden_states)
         return self.run(hidden_states, **kwargs)
 
     def run(self, x: Tensor, **kwargs: object) -> Tensor:
-        layer, layout, state = self.layer, self.layout, self.state
+        layer, layout, state = self.block, self.layout, self.state
         attention = getattr(layer, layout.attention)
-        record = state.incoming(self.index, x)
+        record = state.incoming(self.layer, x)
         bias = state.attention_bias(record, x)
         if self.rotary is not None:
             kwargs = _surviving_rotary(kwargs, record)
@@ -248,46 +249,36 @@ class ReducingLayerForward:
             q, k = self.rotary(q, k, *kwargs["position_embeddings"])
         for name in layout.after_attention:
             y = getattr(layer, name)(y)
-        x, record = state.reduce(self.index, x + y, q, k, getattr(attention, layout.scale), record, attn_bias=bias)
+        x, record = state.reduce(self.layer, x + y, q, k, getattr(attention, layout.scale), record, attn_bias=bias)
         y = getattr(layer, layout.mlp)(getattr(layer, layout.norm2)(x))
         for name in layout.after_mlp:
             y = getattr(layer, name)(y)
-        if self.index == state.depth - 1:
-            state.publish(record)
-        return tag(x + y, record)
-
-    def __repr__(self) -> str:
-        return f"ReducingLayerForward(layer={self.index})"
+        return self.leave(x + y, record)
 
 
-class LaterLayerForward:
+class LaterLayerForward(BlockForward):
     """A layer after the first reduction that does not reduce itself: runs its own forward (with ``prop_attn``,
     with ``log(size)`` as the additive attention mask: sdpa and eager both add a float mask to the logits) and
     passes the tokens' record on to its output."""
 
     def __init__(self, layer: nn.Module, state: TokenMergeState, index: int) -> None:
-        self.layer, self.state, self.index = layer, state, index
+        super().__init__(layer, state, index)
         self.rotary = _rotary(layer)
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
         state = self.state
         attention_mask = _mask_outside_export(attention_mask)
-        record = state.incoming(self.index, hidden_states)
+        record = state.incoming(self.layer, hidden_states)
         if self.rotary is not None:
             kwargs = _surviving_rotary(kwargs, record)
         bias = state.attention_bias(record, hidden_states)
         if bias is not None:
-            refuse_masks(self.index, attention_mask, name="attention_mask")
+            refuse_masks(self.layer, attention_mask, name="attention_mask")
             attention_mask = bias
-        out = type(self.layer).forward(self.layer, hidden_states, attention_mask, **kwargs)
-        if self.index == state.depth - 1:
-            state.publish(record)
+        out = type(self.block).forward(self.block, hidden_states, attention_mask, **kwargs)
         if isinstance(out, tuple):  # layers of older layouts return (hidden_states, ...)
-            return (tag(out[0], record), *out[1:])
-        return tag(out, record)
-
-    def __repr__(self) -> str:
-        return f"LaterLayerForward(layer={self.index})"
+            return (self.leave(out[0], record), *out[1:])
+        return self.leave(out, record)
 
 
 class SizeWeightedPatchMean:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..dense import unmerge
 from ..records import record_of, record_sizes
 from ..reduce import size_weighted_mean
-from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
+from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
@@ -105,11 +105,11 @@ def _refuse_extra(layer: int, args: tuple, kwargs: dict) -> None:
     refuse_masks(layer, next((a for a in extra if a is not None), None), name="attn_mask / k_x / v_x")
 
 
-class ReducingBlockForward:
-    """Replaces a reducing block's ``forward`` (an instance attribute: the block stays the same object)."""
+class ReducingBlockForward(BlockForward):
+    """Replaces a reducing block's ``forward``."""
 
     def __init__(self, block: nn.Module, state: TokenMergeState, layer: int) -> None:
-        self.block, self.state, self.layer = block, state, layer
+        super().__init__(block, state, layer)
         # open_clip's Attention: q and k are read as they leave ln_q / ln_k (taps installed next to this forward)
         self.taps = (OutputTap(block.attn.ln_q), OutputTap(block.attn.ln_k)) if _is_custom(block) else ()
 
@@ -129,21 +129,12 @@ class ReducingBlockForward:
             scale = block.attn.head_dim**-0.5
         x = x + block.ls_1(y)
         x, record = state.reduce(self.layer, x, q, k, scale, record, attn_bias=bias)
-        out = state.collect(x + block.ls_2(block.mlp(block.ln_2(x))), record)
-        if self.layer == state.depth - 1:
-            state.publish(record)
-        return out
-
-    def __repr__(self) -> str:
-        return f"ReducingBlockForward(layer={self.layer})"
+        return self.leave(x + block.ls_2(block.mlp(block.ln_2(x))), record)
 
 
-class LaterBlockForward:
+class LaterBlockForward(BlockForward):
     """A block after the first reduction that does not reduce itself: runs its own forward and passes the tokens'
     record on; with ``prop_attn``, its attention gets ``log(size)`` as an additive key mask (see the module doc)."""
-
-    def __init__(self, block: nn.Module, state: TokenMergeState, layer: int) -> None:
-        self.block, self.state, self.layer = block, state, layer
 
     def __call__(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         block, state = self.block, self.state
@@ -155,12 +146,7 @@ class LaterBlockForward:
             _refuse_extra(self.layer, args, kwargs)
             x = x + block.ls_1(_attention(block, block.ln_1(x), bias))
             out = x + block.ls_2(block.mlp(block.ln_2(x)))
-        if self.layer == state.depth - 1:
-            state.publish(record)
-        return state.collect(out, record)
-
-    def __repr__(self) -> str:
-        return f"LaterBlockForward(layer={self.layer})"
+        return self.leave(out, record)
 
 
 class SizeWeightedGlobalPool:

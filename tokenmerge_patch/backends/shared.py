@@ -54,6 +54,23 @@ class OutputTap:
         return f"OutputTap({type(self.module).__name__})"
 
 
+class BlockForward:
+    """Base of the forwards a backend sets on a block (an instance attribute: the block stays the same object with
+    the same submodules, and forward hooks on it see what the forward returns). :meth:`leave` attaches the tokens'
+    record to the block's output (filed for a dense call) and, at the last block, publishes its trace."""
+
+    def __init__(self, block: nn.Module, state: TokenMergeState, layer: int) -> None:
+        self.block, self.state, self.layer = block, state, layer
+
+    def leave(self, out: Tensor, record: tuple | None) -> Tensor:
+        if self.layer == self.state.depth - 1:
+            self.state.publish(record)
+        return self.state.collect(out, record)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer})"
+
+
 def read_taps(taps: tuple[OutputTap, ...], run: Callable[[], T]) -> tuple[T, list[Tensor]]:
     """Run ``run()`` (a block's attention) with ``taps`` armed and return its result and what each tap saw.
     The taps are released however ``run`` ends, so an exception leaves no tensor (or autograd graph) behind."""

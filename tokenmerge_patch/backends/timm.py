@@ -27,20 +27,17 @@ except ImportError:  # pragma: no cover
 from ..dense import unmerge
 from ..records import record_of, record_sizes
 from ..reduce import size_weighted_mean
-from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
+from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
 
 
-class ReducingBlockForward:
-    """Replaces ``Block.forward`` on a reducing block (set as an instance attribute, so the block stays
-    the same object with the same submodules, and its forward hooks see the reduced output)."""
+class ReducingBlockForward(BlockForward):
+    """Replaces ``Block.forward`` on a reducing block."""
 
     def __init__(self, block: Block, state: TokenMergeState, layer: int) -> None:
-        self.block = block
-        self.state = state
-        self.layer = layer
+        super().__init__(block, state, layer)
         # q and k are read as they leave q_norm / k_norm, whose forwards are taps installed next to this one
         self.taps = (OutputTap(block.attn.q_norm), OutputTap(block.attn.k_norm))
 
@@ -55,23 +52,12 @@ class ReducingBlockForward:
         y, (q, k) = read_taps(self.taps, lambda: attn(normed) if bias is None else attn(normed, attn_mask=bias))
         x = x + block.drop_path1(block.ls1(y))
         x, record = state.reduce(self.layer, x, q, k, attn.scale, record, attn_bias=bias)
-        out = state.collect(x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record)
-        if self.layer == state.depth - 1:
-            state.publish(record)
-        return out
-
-    def __repr__(self) -> str:
-        return f"ReducingBlockForward(layer={self.layer})"
+        return self.leave(x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record)
 
 
-class LaterBlockForward:
+class LaterBlockForward(BlockForward):
     """A block after the first reduction that does not reduce itself: runs its own forward (with ``prop_attn``,
     with ``log(size)`` as the attention's float mask) and passes the tokens' record on to its output."""
-
-    def __init__(self, block: nn.Module, state: TokenMergeState, layer: int) -> None:
-        self.block = block
-        self.state = state
-        self.layer = layer
 
     def __call__(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         block, state = self.block, self.state
@@ -83,12 +69,7 @@ class LaterBlockForward:
             refuse_masks(self.layer, args[0] if args else kwargs.get("attn_mask"), bool(kwargs.get("is_causal")))
             check_device(x, block.attn.qkv.weight)
             out = type(block).forward(block, x, attn_mask=bias)
-        if self.layer == state.depth - 1:
-            state.publish(record)
-        return state.collect(out, record)
-
-    def __repr__(self) -> str:
-        return f"LaterBlockForward(layer={self.layer})"
+        return self.leave(out, record)
 
 
 class GridCheckedIntermediates:
@@ -195,76 +176,92 @@ class SizeWeightedPool:
             )
 
 
-def _vit(model: nn.Module) -> VisionTransformer | None:
-    """The ``VisionTransformer`` of ``model``: itself, or the one a ``features_only=True`` model (timm's
-    ``FeatureGetterNet``, which calls its ``forward_intermediates``) wraps; ``None`` for anything else."""
-    if isinstance(model, FeatureGetterNet):
-        model = getattr(model, "model", None)
-    return model if isinstance(model, VisionTransformer) else None
-
-
 class TimmBackend:
+    """timm ``VisionTransformer``; a subclass says which model, block and attention classes it takes and which
+    forwards it installs (:class:`~tokenmerge_patch.backends.timm_eva.EvaBackend`), the rest is shared."""
+
     name = "timm"
+    model_class: type = VisionTransformer
+    block_classes: tuple[type, ...] = (Block,)
+    attention_classes: tuple[type, ...] = (Attention,)
+    reducing_forward: type = ReducingBlockForward
+    later_forward: type = LaterBlockForward
+    supported_blocks = "timm's vision_transformer.Block (and subclasses that keep its forward)"
+    supported_attentions = "timm.layers.Attention (and subclasses that keep its forward)"
+    no_class_token = "class_token=False, e.g. global_pool='map' or 'avg' models without one"
+
+    def unwrap(self, model: nn.Module) -> nn.Module | None:
+        """The model itself, or the one a ``features_only=True`` model (timm's ``FeatureGetterNet``, which calls its
+        ``forward_intermediates``) wraps; ``None`` for anything else."""
+        if isinstance(model, FeatureGetterNet):
+            model = getattr(model, "model", None)
+        return model if isinstance(model, self.model_class) else None
+
+    @property
+    def own_forwards(self) -> tuple[type, ...]:
+        return (self.reducing_forward, self.later_forward)
 
     def claims(self, model: nn.Module) -> bool:
-        return _vit(model) is not None
+        return self.unwrap(model) is not None
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return _vit(model).blocks
+        return self.unwrap(model).blocks
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
-        model = _vit(model)
+        model = self.unwrap(model)
         if getattr(model, "cls_token", None) is None:
             raise ValueError(
-                "model has no class token (class_token=False, e.g. global_pool='map' or 'avg' models "
-                "without one), so there is no class-attention score to select tokens by; "
-                "tokenmerge_patch needs a ViT with a class token"
+                f"model has no class token ({self.no_class_token}), so there is no class-attention score to select "
+                "tokens by; tokenmerge_patch needs a model with a class token"
             )
-        if config.prop_attn and "attn_mask" not in inspect.signature(Block.forward).parameters:
-            raise ValueError("prop_attn needs a timm whose Block.forward takes attn_mask (timm >= 1.0.16)")
+        self.check_timm(config)
         for layer in (*config.layers, *config.proportional_layers(len(model.blocks))):
             block = model.blocks[layer]
-            if not isinstance(block, Block) or type(block).forward is not Block.forward:
+            if not _keeps_forward(block, self.block_classes):
                 raise TypeError(
-                    f"block {layer} is {type(block).__name__}; tokenmerge_patch supports timm's "
-                    "vision_transformer.Block (and subclasses that keep its forward)"
+                    f"block {layer} is {type(block).__name__}; tokenmerge_patch supports {self.supported_blocks}"
                 )
             attn = getattr(block, "attn", None)
-            if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
+            if not _keeps_forward(attn, self.attention_classes):
                 raise TypeError(
                     f"block {layer}'s attention is {type(attn).__name__}; tokenmerge_patch supports "
-                    "timm.layers.Attention (and subclasses that keep its forward)"
+                    f"{self.supported_attentions}"
                 )
             for name in ("q_norm", "k_norm"):
                 check_overridable(getattr(attn, name), f"block {layer}'s attn.{name}", (OutputTap,))
         for layer in (*config.layers, *config.later_layers(len(model.blocks))):
-            check_overridable(model.blocks[layer], f"block {layer}", OWN_FORWARDS)
+            check_overridable(model.blocks[layer], f"block {layer}", self.own_forwards)
         check_overridable(model.norm, "model.norm", (RecordKeepingNorm,))
         return int(model.num_prefix_tokens)
 
+    def check_timm(self, config: PatchConfig) -> None:
+        """What the installed timm must offer for ``config``."""
+        if config.prop_attn and "attn_mask" not in inspect.signature(Block.forward).parameters:
+            raise ValueError("prop_attn needs a timm whose Block.forward takes attn_mask (timm >= 1.0.16)")
+
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
-        model = _vit(model)
+        model = self.unwrap(model)
         config = state.config
         for layer in config.layers:
             block = model.blocks[layer]
-            forward = ReducingBlockForward(block, state, layer)
+            forward = self.reducing_forward(block, state, layer)
             state.override(block, "forward", forward)
             state.override(block.attn.q_norm, "forward", forward.taps[0])
             state.override(block.attn.k_norm, "forward", forward.taps[1])
         for layer in config.later_layers(len(model.blocks)):  # pass the record on (with prop_attn: log(size) masks)
             block = model.blocks[layer]
-            state.override(block, "forward", LaterBlockForward(block, state, layer))
+            state.override(block, "forward", self.later_forward(block, state, layer))
         state.override(model.norm, "forward", RecordKeepingNorm(model.norm, state))
         state.override(model, "pool", SizeWeightedPool(model, state))
         if hasattr(type(model), "forward_intermediates"):
             state.override(model, "forward_intermediates", GridCheckedIntermediates(model, state))
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
-        embed = _vit(model).patch_embed
+        embed = self.unwrap(model).patch_embed
         return (int(embed.proj.in_channels), *(int(v) for v in embed.img_size))
 
     def class_token_head(self, model: nn.Module) -> bool:
-        if not isinstance(model, VisionTransformer):  # features_only: dense feature maps read every patch
+        if not isinstance(model, self.model_class):  # features_only: dense feature maps read every patch
             return False
         return model.global_pool == "token" and getattr(model, "attn_pool", None) is None
 
@@ -273,6 +270,11 @@ class TimmBackend:
 
     def block_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
         return block.attn, block.mlp, block.attn.num_heads * block.attn.head_dim
+
+
+def _keeps_forward(module: object, classes: tuple[type, ...]) -> bool:
+    """``module`` is an instance of one of ``classes`` whose forward it has not replaced."""
+    return any(isinstance(module, cls) and type(module).forward is cls.forward for cls in classes)
 
 
 OWN_FORWARDS = (ReducingBlockForward, LaterBlockForward)

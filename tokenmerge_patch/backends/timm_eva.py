@@ -19,7 +19,6 @@ at its destination token's, and EViT's fused token gets the identity row (no rot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,8 +28,8 @@ from torch import Tensor, nn
 
 from ..records import record_positions
 from ..reduce import rotary_rows
-from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
-from .timm import FeatureGetterNet, GridCheckedIntermediates, SizeWeightedPool
+from .shared import BlockForward, OutputTap, check_device, read_taps, refuse_masks
+from .timm import TimmBackend
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
@@ -65,14 +64,11 @@ def _weight(attn: nn.Module) -> Tensor:
     return attn.proj.weight
 
 
-class EvaReducingBlockForward:
-    """Replaces ``EvaBlock.forward`` on a reducing block (an instance attribute: the block stays the same object
-    with the same submodules, and its forward hooks see the reduced output)."""
+class EvaReducingBlockForward(BlockForward):
+    """Replaces ``EvaBlock.forward`` on a reducing block."""
 
     def __init__(self, block: EvaBlock, state: TokenMergeState, layer: int) -> None:
-        self.block = block
-        self.state = state
-        self.layer = layer
+        super().__init__(block, state, layer)
         self.taps = (OutputTap(block.attn.q_norm), OutputTap(block.attn.k_norm))
 
     def __call__(
@@ -95,24 +91,13 @@ class EvaReducingBlockForward:
         y = block.mlp(block.norm2(x))
         if block.gamma_2 is not None:
             y = block.gamma_2 * y
-        out = state.collect(x + block.drop_path2(y), record)
-        if self.layer == state.depth - 1:
-            state.publish(record)
-        return out
-
-    def __repr__(self) -> str:
-        return f"EvaReducingBlockForward(layer={self.layer})"
+        return self.leave(x + block.drop_path2(y), record)
 
 
-class EvaLaterBlockForward:
+class EvaLaterBlockForward(BlockForward):
     """A block after the first reduction that does not reduce itself: runs its own forward with the rotary rows of
     its tokens (and, with ``prop_attn``, ``log(size)`` as the attention's float mask), and passes the tokens'
     record on to its output."""
-
-    def __init__(self, block: nn.Module, state: TokenMergeState, layer: int) -> None:
-        self.block = block
-        self.state = state
-        self.layer = layer
 
     def __call__(
         self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
@@ -126,89 +111,26 @@ class EvaLaterBlockForward:
             check_device(x, _weight(block.attn))
             attn_mask = bias
         out = type(block).forward(block, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        if self.layer == state.depth - 1:
-            state.publish(record)
-        return state.collect(out, record)
-
-    def __repr__(self) -> str:
-        return f"EvaLaterBlockForward(layer={self.layer})"
+        return self.leave(out, record)
 
 
-class EvaBackend:
+class EvaBackend(TimmBackend):
+    """timm ``Eva``: the ``VisionTransformer`` backend with Eva's block, attentions and rotary-aware forwards."""
+
     name = "timm-eva"
+    model_class = Eva
+    block_classes = (EvaBlock,)
+    attention_classes = ATTENTIONS
+    reducing_forward = EvaReducingBlockForward
+    later_forward = EvaLaterBlockForward
+    supported_blocks = (
+        "timm's pre-norm eva.EvaBlock (and subclasses that keep its forward), not EvaBlockPostNorm (use_post_norm=True)"
+    )
+    supported_attentions = "timm's EvaAttention and AttentionRope (and subclasses that keep their forward)"
+    no_class_token = "class_token=False, e.g. vit_*_rope_reg*_gap_256 and the PE gigantic models"
 
-    def claims(self, model: nn.Module) -> bool:
-        return _eva(model) is not None
-
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return _eva(model).blocks
-
-    def check(self, model: nn.Module, config: PatchConfig) -> int:
-        model = _eva(model)
-        if getattr(model, "cls_token", None) is None:
-            raise ValueError(
-                "model has no class token (class_token=False, e.g. vit_*_rope_reg*_gap_256 and the PE gigantic "
-                "models), so there is no class-attention score to select tokens by; tokenmerge_patch needs an Eva "
-                "model with a class token"
-            )
-        for layer in (*config.layers, *config.proportional_layers(len(model.blocks))):
-            block = model.blocks[layer]
-            if not isinstance(block, EvaBlock) or type(block).forward is not EvaBlock.forward:
-                raise TypeError(
-                    f"block {layer} is {type(block).__name__}; tokenmerge_patch supports timm's pre-norm "
-                    "eva.EvaBlock (and subclasses that keep its forward), not EvaBlockPostNorm (use_post_norm=True)"
-                )
-            attn = block.attn
-            if not any(isinstance(attn, cls) and type(attn).forward is cls.forward for cls in ATTENTIONS):
-                raise TypeError(
-                    f"block {layer}'s attention is {type(attn).__name__}; tokenmerge_patch supports timm's "
-                    "EvaAttention and AttentionRope (and subclasses that keep their forward)"
-                )
-            for name in ("q_norm", "k_norm"):
-                check_overridable(getattr(attn, name), f"block {layer}'s attn.{name}", (OutputTap,))
-        for layer in (*config.layers, *config.later_layers(len(model.blocks))):
-            check_overridable(model.blocks[layer], f"block {layer}", OWN_FORWARDS)
-        check_overridable(model.norm, "model.norm", (RecordKeepingNorm,))
-        return int(model.num_prefix_tokens)
-
-    def install(self, model: nn.Module, state: TokenMergeState) -> None:
-        model = _eva(model)
-        config = state.config
-        for layer in config.layers:
-            block = model.blocks[layer]
-            forward = EvaReducingBlockForward(block, state, layer)
-            state.override(block, "forward", forward)
-            state.override(block.attn.q_norm, "forward", forward.taps[0])
-            state.override(block.attn.k_norm, "forward", forward.taps[1])
-        for layer in config.later_layers(len(model.blocks)):  # rotary rows of the survivors, the record, prop_attn
-            block = model.blocks[layer]
-            state.override(block, "forward", EvaLaterBlockForward(block, state, layer))
-        state.override(model.norm, "forward", RecordKeepingNorm(model.norm, state))
-        state.override(model, "pool", SizeWeightedPool(model, state))
-        state.override(model, "forward_intermediates", GridCheckedIntermediates(model, state))
-
-    def input_size(self, model: nn.Module) -> tuple[int, int, int]:
-        embed = _eva(model).patch_embed
-        return (int(embed.proj.in_channels), *(int(v) for v in embed.img_size))
-
-    def class_token_head(self, model: nn.Module) -> bool:
-        if not isinstance(model, Eva):  # features_only: dense feature maps read every patch
-            return False
-        return model.global_pool == "token" and getattr(model, "attn_pool", None) is None
-
-    def tokens_of(self, block_output: object) -> int:
-        return block_output.shape[1]
-
-    def block_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
-        return block.attn, block.mlp, block.attn.num_heads * block.attn.head_dim
-
-
-def _eva(model: nn.Module) -> Eva | None:
-    """The ``Eva`` of ``model``: itself, or the one a ``features_only=True`` model (timm's ``FeatureGetterNet``, which
-    calls its ``forward_intermediates``) wraps; ``None`` for anything else."""
-    if isinstance(model, FeatureGetterNet):
-        model = getattr(model, "model", None)
-    return model if isinstance(model, Eva) else None
+    def check_timm(self, config: PatchConfig) -> None:
+        """Every timm with RoPE ``Eva`` models passes ``attn_mask`` through its blocks."""
 
 
 OWN_FORWARDS = (EvaReducingBlockForward, EvaLaterBlockForward)
