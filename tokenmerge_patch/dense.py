@@ -124,3 +124,21 @@ def unmerge(
     patches = gather_tokens(tokens, source_map.clamp(min=0))  # [B, N0, C]
     patches = patches.masked_fill((source_map < 0).unsqueeze(-1), dropped)
     return torch.cat([tokens[:, :num_prefix], patches], dim=1)
+
+
+def intermediate_map(patches: Tensor, prefix: Tensor, records: dict, grid: tuple[int, int]) -> Tensor:
+    """One intermediate of a dense call (``forward_intermediates``) as an ``[B, C, H, W]`` map: its patch tokens are
+    unmerged by the record of the block output they were cut from (found by the storage they share, see
+    :meth:`~tokenmerge_patch.patch.TokenMergeState.collecting`); tokens from before the first reduction already
+    fill the grid."""
+    height, width = grid
+    record = records.get(patches.untyped_storage().data_ptr())
+    if record is not None and record[0].shape[1] == prefix.shape[1] + patches.shape[1]:
+        patches = unmerge(torch.cat([prefix, patches], dim=1), record, num_prefix=prefix.shape[1])[:, prefix.shape[1] :]
+    elif patches.shape[1] != height * width:
+        raise ValueError(
+            f"an intermediate has {patches.shape[1]} patch tokens for a grid of {height * width} patches and no "
+            "merge record to unmerge them by (a forward hook replaced a block's output?): its tokens no longer form "
+            "an image grid; use output_fmt='NLC', earlier indices, or unpatch"
+        )
+    return patches.reshape(patches.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()

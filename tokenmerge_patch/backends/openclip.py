@@ -31,11 +31,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dense import unmerge
+from ..dense import intermediate_map
 from ..records import record_of, record_sizes
 from ..reduce import size_weighted_mean
 from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
@@ -184,19 +183,8 @@ class GridCheckedIntermediates:
         height, width = x.shape[-2] // visual.patch_size[0], x.shape[-1] // visual.patch_size[1]
         with self.state.collecting() as records:
             out = type(visual).forward_intermediates(*call.args, **call.kwargs)
-            maps = []
-            for patches, prefix in zip(out["image_intermediates"], out["image_intermediates_prefix"], strict=True):
-                record = records.get(patches.untyped_storage().data_ptr())
-                if record is not None and record[0].shape[1] == prefix.shape[1] + patches.shape[1]:
-                    patches = unmerge(torch.cat([prefix, patches], dim=1), record, num_prefix=prefix.shape[1])
-                    patches = patches[:, prefix.shape[1] :]
-                elif patches.shape[1] != height * width:
-                    raise ValueError(
-                        f"an intermediate has {patches.shape[1]} patch tokens for a grid of {height * width} patches "
-                        "and no merge record to unmerge them by (a forward hook replaced a block's output?): use "
-                        "output_fmt='NLC', earlier indices, or unpatch"
-                    )
-                maps.append(patches.reshape(patches.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous())
+            pairs = zip(out["image_intermediates"], out["image_intermediates_prefix"], strict=True)
+            maps = [intermediate_map(patches, prefix, records, (height, width)) for patches, prefix in pairs]
         out["image_intermediates"] = maps
         if not want_prefix:
             del out["image_intermediates_prefix"]

@@ -13,8 +13,6 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import torch
-
 # timm.models.vision_transformer has had Attention in every 1.0.x (it moved to timm.layers later)
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
@@ -24,7 +22,7 @@ try:  # features_only=True models (timm >= 1.0: forward_intermediates); a privat
 except ImportError:  # pragma: no cover
     FeatureGetterNet = ()
 
-from ..dense import unmerge
+from ..dense import intermediate_map
 from ..records import record_of, record_sizes
 from ..reduce import size_weighted_mean
 from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
@@ -105,7 +103,7 @@ class GridCheckedIntermediates:
             result = type(model).forward_intermediates(*call.args, **call.kwargs)
 
             def to_map(patches: Tensor, prefix: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-                dense = self._map(patches, prefix, records, grid)
+                dense = intermediate_map(patches, prefix, records, grid)
                 return (dense, prefix) if want_prefix and not isinstance(result, dict) else dense
 
             if isinstance(result, dict):
@@ -119,23 +117,6 @@ class GridCheckedIntermediates:
                 return [to_map(*pair) for pair in result]
             final, pairs = result
             return final, [to_map(*pair) for pair in pairs]
-
-    def _map(self, patches: Tensor, prefix: Tensor, records: dict, grid: tuple[int, int]) -> Tensor:
-        """One intermediate's patch tokens as an ``[B, C, H, W]`` map, unmerged by the record of the block output
-        they were cut from."""
-        height, width = grid
-        record = records.get(patches.untyped_storage().data_ptr())
-        if record is not None and record[0].shape[1] == prefix.shape[1] + patches.shape[1]:
-            tokens = unmerge(torch.cat([prefix, patches], dim=1), record, num_prefix=prefix.shape[1])
-            patches = tokens[:, prefix.shape[1] :]
-        elif patches.shape[1] != height * width:
-            raise ValueError(
-                f"an intermediate has {patches.shape[1]} patch tokens for a grid of {height * width} patches and no "
-                "merge record to unmerge them by (a forward hook replaced a block's output?): its tokens no longer "
-                "form an image grid; use output_fmt='NLC', earlier indices, or unpatch"
-            )
-        # else: from before the first reduction, the grid as it is
-        return patches.reshape(patches.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
 
 
 class SizeWeightedPool:
