@@ -15,6 +15,13 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread() -> None:
+    """Tiny models run fastest on one thread, and a busy second core cannot stall them (``_restore_threads`` gives
+    the count back). A test module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(params=sorted(FLAVOURS))
 def flavour(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -24,12 +24,7 @@ MARK = 1e-20
 METHODS = ["merge", "drop", "fuse", "bipartite"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import _perturb, make_model
+from tiny_models import make_model, perturb
 from torch import Tensor, nn
 
 import tokenmerge_patch as tm
@@ -46,7 +46,7 @@ def hf_model(method: str = "merge", **options: object) -> nn.Module:
         image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64
     )
     torch.manual_seed(0)
-    model = _perturb(transformers.ViTForImageClassification(config), 0)  # scores far from uniform: no near-ties
+    model = perturb(transformers.ViTForImageClassification(config), 0)  # scores far from uniform: no near-ties
     return tm.patch(model, layers=LAYERS, keep_rate=0.5, method=method, **options)
 
 
@@ -77,10 +77,7 @@ def distinct_plans(build: Callable[..., nn.Module]) -> tuple[Plans, list[str]]:
     return Plans(models).eval(), names
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models: threads only add synchronisation (conftest restores the count)."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import Options, reference_reduce
+from tiny_models import perturb
 from torch import Tensor, nn
 
 import tokenmerge_patch as tm
@@ -35,21 +36,12 @@ TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
 TEXT |= dict(max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 
 
-def _perturb(model: nn.Module, seed: int) -> nn.Module:
-    """Weights far from HF's near-zero init, so attention is far from uniform and every parameter matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
-
-
 def make_registers(head: bool = True, attn: str = "sdpa", swiglu: bool = False, seed: int = 0) -> nn.Module:
     config = Dinov2WithRegistersConfig(
         **COMMON, num_register_tokens=REGISTERS, layerscale_value=0.5, use_swiglu_ffn=swiglu, num_labels=5
     )
     torch.manual_seed(seed)
-    model = _perturb((Dinov2WithRegistersForImageClassification if head else Dinov2WithRegistersModel)(config), seed)
+    model = perturb((Dinov2WithRegistersForImageClassification if head else Dinov2WithRegistersModel)(config), seed)
     model.set_attn_implementation(attn)
     return model
 
@@ -57,7 +49,7 @@ def make_registers(head: bool = True, attn: str = "sdpa", swiglu: bool = False, 
 def make_clip(attn: str = "sdpa", seed: int = 0) -> CLIPModel:
     config = CLIPConfig(vision_config=dict(**COMMON, intermediate_size=64), text_config=TEXT, projection_dim=8)
     torch.manual_seed(seed)
-    model = _perturb(CLIPModel(config), seed)
+    model = perturb(CLIPModel(config), seed)
     model.set_attn_implementation(attn)
     return model
 
@@ -73,9 +65,7 @@ def clip_twin(model: CLIPModel) -> CLIPVisionModelWithProjection:
     return twin.eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # tiny models; conftest restores the count
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
+from tiny_models import perturb
 from torch import Tensor, nn
 
 import tokenmerge_patch as tm
@@ -68,19 +69,10 @@ MODELS = {
 PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "clip": 1}
 
 
-def _perturb(model: nn.Module, seed: int) -> nn.Module:
-    """Weights far from HF's near-zero init (as tests/tiny_models.py does), so attention is far from uniform."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
-
-
 def make_hf(name: str, attn: str = "sdpa", seed: int = 0) -> nn.Module:
     cls, family = MODELS[name]
     torch.manual_seed(seed)
-    model = _perturb(cls(CONFIGS[family]()), seed)
+    model = perturb(cls(CONFIGS[family]()), seed)
     model.set_attn_implementation(attn)
     return model
 
@@ -102,13 +94,7 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return find_backend(model).blocks(model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy second core cannot stall it (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @pytest.fixture
@@ -226,7 +212,7 @@ def load_hf_weights_into_timm(hf: nn.Module, timm_model: nn.Module) -> nn.Module
 
 def make_twins(family: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    hf = _perturb(HF_TWINS[family](CONFIGS[family]()), 0)
+    hf = perturb(HF_TWINS[family](CONFIGS[family]()), 0)
     return hf, load_hf_weights_into_timm(hf, TIMM_TWINS[family]())
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from reference import Options, reference_reduce
 from test_export import HAS_ONNX, NO_ONNX, onnx_outputs, standard_export
 from timm.models.vision_transformer import VisionTransformer
+from tiny_models import perturb
 from torch import Tensor, nn
 
 import tokenmerge_patch as tm
@@ -35,23 +36,12 @@ FLAVOURS = {
 }
 
 
-def _perturb(model: nn.Module, seed: int) -> nn.Module:
-    """Weights far from the init, so attention is far from uniform and every parameter matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.eval()
-
-
 def make_clip(flavour: str = "default", seed: int = 0, **vision: object) -> CLIP:
     torch.manual_seed(seed)
-    return _perturb(CLIP(embed_dim=8, vision_cfg={**VISION, **FLAVOURS[flavour], **vision}, text_cfg=TEXT), seed)
+    return perturb(CLIP(embed_dim=8, vision_cfg={**VISION, **FLAVOURS[flavour], **vision}, text_cfg=TEXT), seed)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # tiny models; conftest restores the count
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from tiny_models import _perturb, assert_untouched, model_snapshot
+from tiny_models import assert_untouched, model_snapshot, perturb
 from torch import Tensor, nn
 
 import tokenmerge_patch as tm
@@ -35,14 +35,12 @@ METHODS = ("merge", "drop", "fuse", "bipartite")
 LAYERS = (1, 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def make(flavour: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _perturb(FLAVOURS[flavour](), seed)
+    return perturb(FLAVOURS[flavour](), seed)
 
 
 def images(batch: int = 2, size: int = 48, seed: int = 1) -> Tensor:
@@ -309,7 +307,7 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
 
 def test_patch_dropout_in_training() -> None:
     torch.manual_seed(0)
-    model = _perturb(timm.create_model("vit_base_patch16_dinov3", **SMALL, patch_drop_rate=0.5), 0).train()
+    model = perturb(timm.create_model("vit_base_patch16_dinov3", **SMALL, patch_drop_rate=0.5), 0).train()
     tm.patch(model, layers=LAYERS, keep_rate=0.5)  # timm hands the blocks per-image rows: [B, 1, N', 2d]
     model(images()).sum().backward()
     assert [r.tokens_in for r in tm.reduction_trace(model).values()] == [5 + 18, 5 + 9]
@@ -438,7 +436,7 @@ def dinov3_twin(seed: int = 0) -> tuple[nn.Module, nn.Module]:
         num_register_tokens=4,
     )
     torch.manual_seed(seed)
-    hf = _perturb(transformers.DINOv3ViTModel(config), seed)
+    hf = perturb(transformers.DINOv3ViTModel(config), seed)
     twin = timm.create_model("vit_base_patch16_dinov3_qkvb", **{**SMALL, "depth": depth, "num_classes": 0})
     twin.global_pool = "token"
     hf_state = hf.state_dict()
@@ -577,7 +575,7 @@ def test_features_only_dinov3_backbone_gives_unmerged_maps() -> None:
     kwargs = {key: value for key, value in SMALL.items() if key != "num_classes"}
     torch.manual_seed(0)
     net = timm.create_model("vit_base_patch16_dinov3", features_only=True, out_indices=(1, 2, 3), **kwargs).eval()
-    _perturb(net, 0)
+    perturb(net, 0)
     x = images()
     with torch.no_grad():
         unpatched = net(x)

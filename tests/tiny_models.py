@@ -26,9 +26,9 @@ needs_shared = pytest.mark.skipif(
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5)
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights far from timm's near-zero init, so attention is far from uniform and every
-    parameter (LayerScale, norms, biases) matters."""
+def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights far from the libraries' near-zero init (timm, Hugging Face, open_clip), so attention is far
+    from uniform and every parameter (LayerScale, norms, biases) matters."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -66,7 +66,7 @@ needs_attn_mask = pytest.mark.skipif(not HAS_ATTN_MASK, reason="this timm's Bloc
 
 def make_model(flavour: str, seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
-    return _perturb(FLAVOURS[flavour](), seed)
+    return perturb(FLAVOURS[flavour](), seed)
 
 
 def model_snapshot(model: torch.nn.Module) -> tuple:
