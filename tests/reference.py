@@ -8,6 +8,7 @@ It shares no code with ``tokenmerge_patch``; it runs on an *unpatched* timm Visi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,51 @@ def reference_bipartite(
     return torch.stack(rows), out_sizes
 
 
+# the methods and options every family's reference test runs
+REFERENCE_METHODS = [
+    ("merge", {}),
+    ("merge", dict(prop_attn=False)),
+    ("merge", dict(size_weighted=True)),
+    ("drop", {}),
+    ("fuse", {}),
+    ("bipartite", {}),
+]
+
+
+def reference_tokens(
+    x: Tensor,
+    blocks,
+    plan: dict[int, float],
+    opt: Options,
+    prefix: int,
+    attention: Callable[[object, Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]],
+    mlp: Callable[[object, Tensor], Tensor],
+) -> tuple[Tensor, list[float], list[int]]:
+    """One image's tokens ``x`` [N, C] through ``blocks`` as a patched model runs them, from the unpatched weights:
+    ``attention(block, x, bias)`` is a block's attention half before the residual (output, probs [H, N, N], keys
+    [H, N, d]), ``mlp(block, x)`` its MLP half; a block in ``plan`` reduces between the two. Returns the tokens, the
+    patches each holds and the token count after every block."""
+    sizes, count = [1.0] * x.shape[0], []
+    for index, block in enumerate(blocks):
+        bias = torch.tensor(sizes).log() if opt.prop_attn and any(s != 1 for s in sizes) else None
+        y, probs, keys = attention(block, x, bias)
+        x = x + y
+        if index in plan:
+            x, sizes = reference_reduce(x, sizes, probs, keys, prefix, plan[index], opt)
+        x = x + mlp(block, x)
+        count.append(x.shape[0])
+    return x, sizes, count
+
+
+def _timm_attention(block, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    y, probs, keys = eager_attention(block.attn, block.norm1(x), bias)
+    return block.ls1(y), probs, keys
+
+
+def _timm_mlp(block, x: Tensor) -> Tensor:
+    return block.ls2(block.mlp(block.norm2(x)))
+
+
 @torch.no_grad()
 def reference_logits(
     model,
@@ -143,16 +189,7 @@ def reference_logits(
     prefix = model.num_prefix_tokens
     outputs, counts = [], []
     for x in tokens:
-        sizes = [1.0] * x.shape[0]
-        count = []
-        for index, block in enumerate(model.blocks):
-            bias = torch.tensor(sizes).log() if opt.prop_attn and any(s != 1 for s in sizes) else None
-            y, probs, keys = eager_attention(block.attn, block.norm1(x), bias)
-            x = x + block.ls1(y)
-            if index in plan:
-                x, sizes = reference_reduce(x, sizes, probs, keys, prefix, plan[index], opt)
-            x = x + block.ls2(block.mlp(block.norm2(x)))
-            count.append(x.shape[0])
+        x, sizes, count = reference_tokens(x, model.blocks, plan, opt, prefix, _timm_attention, _timm_mlp)
         x = model.norm(x)
         if model.global_pool == "avg":
             weights = torch.tensor(sizes[prefix:]).unsqueeze(-1)

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import Options, reference_reduce
+from reference import REFERENCE_METHODS, Options, reference_tokens
 from tiny_models import perturb
 from torch import Tensor, nn
 
@@ -125,6 +125,15 @@ def _qkv(attention: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
     return attention.q_proj, attention.k_proj, attention.v_proj
 
 
+def _attention_half(layer: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    y, probs, keys = _eager_attention(layer.attention, layer.norm1(x), bias)
+    return layer.layer_scale1(y), probs, keys
+
+
+def _mlp_half(layer: nn.Module, x: Tensor) -> Tensor:
+    return layer.layer_scale2(layer.mlp(layer.norm2(x)))
+
+
 @torch.no_grad()
 def reference_registers(model: nn.Module, images: Tensor, plan: dict[int, float], **options: object) -> tuple:
     """The patched model's output computed on the unpatched one: logits (with the classifier's cat([class token,
@@ -134,15 +143,7 @@ def reference_registers(model: nn.Module, images: Tensor, plan: dict[int, float]
     prefix = 1 + backbone.config.num_register_tokens
     outputs, counts = [], []
     for x in backbone.embeddings(images):
-        sizes, count = [1.0] * x.shape[0], []
-        for index, layer in enumerate(backbone.encoder.layer):
-            bias = torch.tensor(sizes).log() if opt.prop_attn and any(s != 1 for s in sizes) else None
-            y, probs, keys = _eager_attention(layer.attention, layer.norm1(x), bias)
-            x = x + layer.layer_scale1(y)
-            if index in plan:
-                x, sizes = reference_reduce(x, sizes, probs, keys, prefix, plan[index], opt)
-            x = x + layer.layer_scale2(layer.mlp(layer.norm2(x)))
-            count.append(x.shape[0])
+        x, sizes, count = reference_tokens(x, backbone.encoder.layer, plan, opt, prefix, _attention_half, _mlp_half)
         x = backbone.layernorm(x)
         if isinstance(model, Dinov2WithRegistersForImageClassification):
             weights = torch.tensor(sizes[prefix:]).unsqueeze(-1)
@@ -152,14 +153,7 @@ def reference_registers(model: nn.Module, images: Tensor, plan: dict[int, float]
     return torch.stack(outputs), counts
 
 
-METHODS = [
-    ("merge", {}),
-    ("merge", dict(prop_attn=False)),
-    ("merge", dict(size_weighted=True)),
-    ("drop", {}),
-    ("fuse", {}),
-    ("bipartite", {}),
-]
+METHODS = REFERENCE_METHODS
 
 
 @pytest.mark.parametrize(("method", "options"), METHODS)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import Options, reference_reduce
+from reference import REFERENCE_METHODS, Options, reference_tokens
 from test_export import HAS_ONNX, NO_ONNX, onnx_outputs, standard_export
 from timm.models.vision_transformer import VisionTransformer
 from tiny_models import perturb
@@ -110,6 +110,15 @@ def _eager_attention(block: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[
     return attn.out_proj(out), probs, k
 
 
+def _attention_half(block: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    y, probs, keys = _eager_attention(block, block.ln_1(x), bias)
+    return block.ls_1(y), probs, keys
+
+
+def _mlp_half(block: nn.Module, x: Tensor) -> Tensor:
+    return block.ls_2(block.mlp(block.ln_2(x)))
+
+
 @torch.no_grad()
 def reference_features(model: CLIP, images: Tensor, plan: dict[int, float], **options: object) -> tuple[Tensor, list]:
     """Unnormalised image features of the patched tower, computed on the unpatched model, and the token counts."""
@@ -117,15 +126,7 @@ def reference_features(model: CLIP, images: Tensor, plan: dict[int, float], **op
     visual = model.visual
     outputs, counts = [], []
     for x in visual._embeds(images):  # conv, class token, positions, ln_pre: untouched by the patch
-        sizes, count = [1.0] * x.shape[0], []
-        for index, block in enumerate(visual.transformer.resblocks):
-            bias = torch.tensor(sizes).log() if opt.prop_attn and any(s != 1 for s in sizes) else None
-            y, probs, keys = _eager_attention(block, block.ln_1(x), bias)
-            x = x + block.ls_1(y)
-            if index in plan:
-                x, sizes = reference_reduce(x, sizes, probs, keys, 1, plan[index], opt)
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
-            count.append(x.shape[0])
+        x, sizes, count = reference_tokens(x, visual.transformer.resblocks, plan, opt, 1, _attention_half, _mlp_half)
         if visual.pool_type == "avg":
             tokens = x if visual.final_ln_after_pool else visual.ln_post(x)
             weights = torch.tensor(sizes[1:]).unsqueeze(-1)
@@ -138,14 +139,7 @@ def reference_features(model: CLIP, images: Tensor, plan: dict[int, float], **op
     return torch.stack(outputs), counts
 
 
-METHODS = [
-    ("merge", {}),
-    ("merge", dict(prop_attn=False)),
-    ("merge", dict(size_weighted=True)),
-    ("drop", {}),
-    ("fuse", {}),
-    ("bipartite", {}),
-]
+METHODS = REFERENCE_METHODS
 
 
 @pytest.mark.parametrize(("method", "options"), METHODS)
