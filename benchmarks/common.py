@@ -86,6 +86,37 @@ def output_stem(stem: str | None, default: str, *, full: bool) -> str:
     return default if full else default + QUICK_SUFFIX
 
 
+def timing_parser(doc: str, full: dict, stem: str) -> argparse.ArgumentParser:
+    """The arguments of a micro-benchmark of one model: ``--model --keep-rate --batch-size --threads --rounds --out
+    --stem``, defaulting to the full run ``full`` (whose output, ``stem``, is committed)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=full["model"])
+    parser.add_argument("--keep-rate", type=float, default=full["keep_rate"])
+    parser.add_argument("--batch-size", type=int, default=full["batch_size"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=full["rounds"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--stem", default=None, help=f"output file name (default: {stem}, else {stem}{QUICK_SUFFIX})")
+    return parser
+
+
+def full_run_stem(args: argparse.Namespace, full: dict, stem: str) -> str:
+    """:func:`output_stem` for a run that is the full one when every setting in ``full`` is as there."""
+    return output_stem(args.stem, stem, full=all(getattr(args, key) == value for key, value in full.items()))
+
+
+def reduction_inputs(block: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a timm block hands the reduction for ``tokens``: the tokens after its attention residual, and the
+    attention's queries and keys (read as they leave ``q_norm`` / ``k_norm``)."""
+    from tokenmerge_patch.backends.capture import CaptureOutputs
+
+    attn = block.attn
+    with torch.inference_mode(), CaptureOutputs(attn.q_norm, attn.k_norm) as captured:
+        x = tokens + block.ls1(attn(block.norm1(tokens)))
+    q, k = captured.require("q/k")
+    return x, q, k
+
+
 def parse_floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 

@@ -19,32 +19,21 @@ import timm
 import torch
 
 import tokenmerge_patch as tm
-from tokenmerge_patch.backends.capture import CaptureOutputs
 from tokenmerge_patch.reduce import reduce_tokens
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, output_stem, set_threads
+from common import full_run_stem, markdown_table, reduction_inputs, set_threads, timing_parser
 
 # the run whose result is committed: only it writes profile_reduction.md
 FULL = {"model": "deit_small_patch16_224", "block": 3, "keep_rate": 0.7, "batch_size": 16, "rounds": 15}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=FULL["model"])
+    parser = timing_parser(__doc__, FULL, "profile_reduction")
     parser.add_argument("--block", type=int, default=FULL["block"])
-    parser.add_argument("--keep-rate", type=float, default=FULL["keep_rate"])
-    parser.add_argument("--batch-size", type=int, default=FULL["batch_size"])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=FULL["rounds"])
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument(
-        "--stem", default=None, help="output file name (default: profile_reduction.md, else profile_reduction_quick)"
-    )
     args = parser.parse_args(argv)
-    full = all(getattr(args, key) == value for key, value in FULL.items())
-    args.stem = output_stem(args.stem, "profile_reduction", full=full)
+    args.stem = full_run_stem(args, FULL, "profile_reduction")
     return args
 
 
@@ -56,10 +45,8 @@ def main(argv: list[str] | None = None) -> str:
     block = model.blocks[args.block]
     with torch.inference_mode():
         tokens = model._pos_embed(model.patch_embed(torch.randn(args.batch_size, 3, 224, 224)))
-        attn = block.attn
-        with CaptureOutputs(attn.q_norm, attn.k_norm) as captured:
-            x = tokens + block.ls1(attn(block.norm1(tokens)))
-        q, k = captured.require("q/k")
+    x, q, k = reduction_inputs(block, tokens)
+    attn = block.attn
 
     def reduction(method: str) -> Variant:
         return Variant(

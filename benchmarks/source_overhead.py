@@ -20,29 +20,19 @@ import torch
 
 import tokenmerge_patch as tm
 from tokenmerge_patch.backends import find_backend
-from tokenmerge_patch.backends.capture import CaptureOutputs
 from tokenmerge_patch.patch import _state
 from tokenmerge_patch.reduce import reduce_tokens
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, markdown_table, output_stem, set_threads
+from common import full_run_stem, markdown_table, reduction_inputs, set_threads, timing_parser
 
 FULL = {"model": "deit_small_patch16_224", "keep_rate": 0.7, "batch_size": 16, "rounds": 15}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=FULL["model"])
-    parser.add_argument("--keep-rate", type=float, default=FULL["keep_rate"])
-    parser.add_argument("--batch-size", type=int, default=FULL["batch_size"])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=FULL["rounds"])
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--stem", default=None, help="output file name (default: source_overhead, else *_quick)")
-    args = parser.parse_args(argv)
-    full = all(getattr(args, key) == value for key, value in FULL.items())
-    args.stem = output_stem(args.stem, "source_overhead", full=full)
+    args = timing_parser(__doc__, FULL, "source_overhead").parse_args(argv)
+    args.stem = full_run_stem(args, FULL, "source_overhead")
     return args
 
 
@@ -68,11 +58,9 @@ def main(argv: list[str] | None = None) -> str:
         tokens = model.norm_pre(model._pos_embed(model.patch_embed(images)))
         for earlier in model.blocks[: state.config.layers[0]]:
             tokens = earlier(tokens)
-        attn = block.attn
-        with CaptureOutputs(attn.q_norm, attn.k_norm) as captured:
-            x = tokens + block.ls1(attn(block.norm1(tokens)))
-        q, k = captured.require("q/k")
-        num_prefix = model.num_prefix_tokens
+    x, q, k = reduction_inputs(block, tokens)
+    attn = block.attn
+    num_prefix = model.num_prefix_tokens
 
     def reduction(trace_source: bool) -> Variant:
         return Variant(
