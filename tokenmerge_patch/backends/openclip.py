@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..dense import intermediate_map
 from ..records import record_of, record_sizes
 from ..reduce import size_weighted_mean
+from . import shared
 from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
@@ -131,21 +132,15 @@ class ReducingBlockForward(BlockForward):
         return self.leave(x + block.ls_2(block.mlp(block.ln_2(x))), record)
 
 
-class LaterBlockForward(BlockForward):
-    """A block after the first reduction that does not reduce itself: runs its own forward and passes the tokens'
-    record on; with ``prop_attn``, its attention gets ``log(size)`` as an additive key mask (see the module doc)."""
+class LaterBlockForward(shared.LaterBlockForward):
+    """An open_clip block after the first reduction: with ``prop_attn``, its attention gets ``log(size)`` as an
+    additive key mask (see the module doc)."""
 
-    def __call__(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        block, state = self.block, self.state
-        record = state.incoming(self.layer, x)
-        bias = state.attention_bias(record, x)
-        if bias is None:
-            out = type(block).forward(block, x, *args, **kwargs)
-        else:
-            _refuse_extra(self.layer, args, kwargs)
-            x = x + block.ls_1(_attention(block, block.ln_1(x), bias))
-            out = x + block.ls_2(block.mlp(block.ln_2(x)))
-        return self.leave(out, record)
+    def with_bias(self, x: Tensor, bias: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        _refuse_extra(self.layer, args, kwargs)
+        block = self.block
+        x = x + block.ls_1(_attention(block, block.ln_1(x), bias))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 class SizeWeightedGlobalPool:

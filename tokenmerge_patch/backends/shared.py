@@ -71,6 +71,25 @@ class BlockForward:
         return f"{type(self).__name__}(layer={self.layer})"
 
 
+class LaterBlockForward(BlockForward):
+    """A block after the first reduction that does not reduce itself: runs its own forward and passes the tokens'
+    record on; with ``prop_attn`` (a ``log(size)`` key bias to add), a backend's :meth:`with_bias` runs it."""
+
+    def __call__(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        record = self.state.incoming(self.layer, x)
+        bias = self.state.attention_bias(record, x)
+        if bias is None:
+            out = type(self.block).forward(self.block, x, *args, **kwargs)
+        else:
+            out = self.with_bias(x, bias, args, kwargs)
+        return self.leave(out, record)
+
+    def with_bias(self, x: Tensor, bias: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """The block's forward with ``bias`` ``[B, 1, 1, N]`` added to its attention logits (``args``/``kwargs``: the
+        call's own, to refuse a mask that cannot be honoured)."""
+        raise NotImplementedError
+
+
 def read_taps(taps: tuple[OutputTap, ...], run: Callable[[], T]) -> tuple[T, list[Tensor]]:
     """Run ``run()`` (a block's attention) with ``taps`` armed and return its result and what each tap saw.
     The taps are released however ``run`` ends, so an exception leaves no tensor (or autograd graph) behind."""

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover
 from ..dense import intermediate_map
 from ..records import record_of, record_sizes
 from ..reduce import size_weighted_mean
+from . import shared
 from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
@@ -53,21 +54,13 @@ class ReducingBlockForward(BlockForward):
         return self.leave(x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record)
 
 
-class LaterBlockForward(BlockForward):
-    """A block after the first reduction that does not reduce itself: runs its own forward (with ``prop_attn``,
-    with ``log(size)`` as the attention's float mask) and passes the tokens' record on to its output."""
+class LaterBlockForward(shared.LaterBlockForward):
+    """timm ``Block`` after the first reduction: with ``prop_attn``, ``log(size)`` is its attention's float mask."""
 
-    def __call__(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        block, state = self.block, self.state
-        record = state.incoming(self.layer, x)
-        bias = state.attention_bias(record, x)
-        if bias is None:
-            out = type(block).forward(block, x, *args, **kwargs)
-        else:
-            refuse_masks(self.layer, args[0] if args else kwargs.get("attn_mask"), bool(kwargs.get("is_causal")))
-            check_device(x, block.attn.qkv.weight)
-            out = type(block).forward(block, x, attn_mask=bias)
-        return self.leave(out, record)
+    def with_bias(self, x: Tensor, bias: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        refuse_masks(self.layer, args[0] if args else kwargs.get("attn_mask"), bool(kwargs.get("is_causal")))
+        check_device(x, self.block.attn.qkv.weight)
+        return type(self.block).forward(self.block, x, attn_mask=bias)
 
 
 class GridCheckedIntermediates:
