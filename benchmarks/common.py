@@ -153,6 +153,13 @@ def write_outputs(out: Path, stem: str, rows: Sequence[dict], columns: Sequence[
     (out / f"{stem}.md").write_text(markdown + "\n")
 
 
+def write_markdown(out: Path, stem: str, text: str) -> None:
+    """Print ``text`` and write it to ``{stem}.md`` in ``out``."""
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text + "\n")
+
+
 def imagenet_available() -> bool:
     """Whether ../shared has the ImageNet DeiT-Tiny and its sample images."""
     return (IMAGENET_MODEL / "model.safetensors").is_file() and (IMAGENET_DIR / "val").is_dir()

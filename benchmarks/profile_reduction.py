@@ -23,7 +23,7 @@ from tokenmerge_patch.reduce import reduce_tokens
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import full_run_stem, markdown_table, reduction_inputs, set_threads, timing_parser
+from common import full_run_stem, markdown_table, reduction_inputs, set_threads, timing_parser, write_markdown
 
 # the run whose result is committed: only it writes profile_reduction.md
 FULL = {"model": "deit_small_patch16_224", "block": 3, "keep_rate": 0.7, "batch_size": 16, "rounds": 15}
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> str:
             markdown_table(op_rows, ["operator", "calls per merge", "share of the merge"]),
         ]
     )
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.stem}.md").write_text(text + "\n")
+    write_markdown(args.out, args.stem, text)
     return text
 
 

@@ -25,7 +25,7 @@ from tokenmerge_patch.reduce import reduce_tokens
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import full_run_stem, markdown_table, reduction_inputs, set_threads, timing_parser
+from common import full_run_stem, markdown_table, reduction_inputs, set_threads, timing_parser, write_markdown
 
 FULL = {"model": "deit_small_patch16_224", "keep_rate": 0.7, "batch_size": 16, "rounds": 15}
 
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> str:
             f"Source tracking, from the reduction alone times {len(state.config.layers)} reducing blocks: {share}.",
         ]
     )
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.stem}.md").write_text(text + "\n")
+    write_markdown(args.out, args.stem, text)
     return text
 
 

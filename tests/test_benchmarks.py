@@ -63,24 +63,21 @@ def test_flops_quick_run(tmp_path: Path) -> None:
     assert (tmp_path / "flops_quick.png").stat().st_size > 10_000
 
 
-def test_profile_reduction_quick_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("profile_reduction", ["reduction alone (merge)", "aten::"]),
+        ("source_overhead", ["tracking on / off", "NCHW (unmerged) / NLC"]),
+    ],
+)
+def test_timing_quick_run(tmp_path: Path, script: str, expected: list[str]) -> None:
+    """A small run next to (a copy of) the committed results: it writes {script}_quick.md and leaves them alone."""
     copies = committed_copy(tmp_path)
-    text = load("profile_reduction").main(
-        ["--model", "deit_tiny_patch16_224", "--batch-size", "2", "--rounds", "1", "--out", str(tmp_path)]
-    )
+    argv = ["--model", "deit_tiny_patch16_224", "--batch-size", "1", "--rounds", "1", "--out", str(tmp_path)]
+    text = load(script).main(argv)
     assert_untouched(tmp_path, copies)
-    assert "reduction alone (merge)" in text and "aten::" in text
-    assert (tmp_path / "profile_reduction_quick.md").read_text() == text + "\n"
-
-
-def test_source_overhead_quick_run(tmp_path: Path) -> None:
-    copies = committed_copy(tmp_path)
-    text = load("source_overhead").main(
-        ["--model", "deit_tiny_patch16_224", "--batch-size", "1", "--rounds", "1", "--out", str(tmp_path)]
-    )
-    assert_untouched(tmp_path, copies)
-    assert "tracking on / off" in text and "NCHW (unmerged) / NLC" in text
-    assert (tmp_path / "source_overhead_quick.md").read_text() == text + "\n"
+    assert all(piece in text for piece in expected)
+    assert (tmp_path / f"{script}_quick.md").read_text() == text + "\n"
 
 
 MODEL = ["--model", "deit_tiny_patch16_224", "--data", "mnist:/nowhere"]  # parse_args loads neither

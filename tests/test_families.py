@@ -69,11 +69,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @pytest.fixture
-def images() -> Tensor:
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
 def text() -> Tensor:
     return torch.randint(2, 50, (4, 7), generator=torch.Generator().manual_seed(2))
 
