@@ -251,5 +251,4 @@ def _keeps_forward(module: object, classes: tuple[type, ...]) -> bool:
     return any(isinstance(module, cls) and type(module).forward is cls.forward for cls in classes)
 
 
-OWN_FORWARDS = (ReducingBlockForward, LaterBlockForward)
 BACKEND = TimmBackend()

@@ -133,5 +133,4 @@ class EvaBackend(TimmBackend):
         """Every timm with RoPE ``Eva`` models passes ``attn_mask`` through its blocks."""
 
 
-OWN_FORWARDS = (EvaReducingBlockForward, EvaLaterBlockForward)
 BACKEND = EvaBackend()
