@@ -1,5 +1,8 @@
 """Where a reducing block's time goes: the block unpatched vs reducing (merge, drop), and the reduction
-alone, measured side by side; then torch.profiler's top operators of the merge.
+alone, measured side by side; then torch.profiler's top operators of the merge; then, for whole forwards at
+batch 1 (where the patched model trails the token-count oracle most), how its time splits against the oracle:
+the patched model (patch()'s defaults in blocks 3, 6, 9), the same with proportional attention off, and the same
+with the reduction replaced by free slicing (a stand-in that keeps the first tokens and does nothing else).
 
     python benchmarks/profile_reduction.py                    # DeiT-S block 3, batch 16, 2 threads
     python benchmarks/profile_reduction.py --model deit_tiny_patch16_224 --batch-size 64
@@ -12,18 +15,25 @@ other model, block, keep rate, batch size or number of rounds writes ``profile_r
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
+from torch import Tensor
 
 import tokenmerge_patch as tm
-from tokenmerge_patch.reduce import reduce_tokens
+from tokenmerge_patch.backends import find_backend
+from tokenmerge_patch.reduce import Reduced, kept_count, reduce_tokens
 from tokenmerge_patch.timing import Variant, interleaved_timings, median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import full_run_stem, markdown_table, reduction_inputs, set_threads, timing_parser, write_markdown
+from latency import TokenCountOracle
+
+PATCH_MODULE = sys.modules["tokenmerge_patch.patch"]  # where TokenMergeState.reduce looks reduce_tokens up
 
 # the run whose result is committed: only it writes profile_reduction.md
 FULL = {"model": "deit_small_patch16_224", "block": 3, "keep_rate": 0.7, "batch_size": 16, "rounds": 15}
@@ -99,8 +109,66 @@ def main(argv: list[str] | None = None) -> str:
             markdown_table(op_rows, ["operator", "calls per merge", "share of the merge"]),
         ]
     )
+    text += "\n\n" + batch_one_gap(model, args.rounds * 4)
     write_markdown(args.out, args.stem, text)
     return text
+
+
+def slicing_stand_in(
+    x: Tensor,
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    *,
+    num_prefix: int,
+    keep_rate: float,
+    sizes: Tensor | None = None,
+    **options: object,
+) -> Reduced:
+    """What the oracle does in a reducing block: keep the first tokens (as many as the merge keeps), nothing else."""
+    keep = num_prefix + kept_count(x.shape[1] - num_prefix, keep_rate)
+    sizes = x.new_ones(x.shape[:2]) if sizes is None else sizes
+    return Reduced(x[:, :keep], sizes[:, :keep], None, torch.arange(keep - num_prefix).expand(len(x), -1))
+
+
+def batch_one_gap(model: torch.nn.Module, rounds: int) -> str:
+    """Whole forwards at batch 1, interleaved: the oracle, the patched model, without proportional attention, and
+    with the reduction replaced by :func:`slicing_stand_in`; each one's time over the oracle's (median per round)."""
+    image = torch.randn(1, *find_backend(model).input_size(model))
+    tm.unpatch(model)
+    patched = tm.patch(copy.deepcopy(model), layers=(3, 6, 9))
+    plain = tm.patch(copy.deepcopy(model), layers=(3, 6, 9), prop_attn=False)
+    oracle = TokenCountOracle(model, tm.token_counts(patched, image)).eval()
+
+    def forward(net: torch.nn.Module, reduction: Callable[..., Reduced]) -> Variant:
+        return Variant(lambda: setattr(PATCH_MODULE, "reduce_tokens", reduction), lambda: net(image))
+
+    variants = {
+        "token-count oracle": forward(oracle, reduce_tokens),
+        "patched (merge 0.7 in blocks 3, 6, 9)": forward(patched, reduce_tokens),
+        "patched, prop_attn=False": forward(plain, reduce_tokens),
+        "patched, reduction replaced by slicing": forward(patched, slicing_stand_in),
+    }
+    try:
+        samples = interleaved_timings(variants, rounds=rounds, warmup=3, desc="batch-1 forwards")
+    finally:
+        PATCH_MODULE.reduce_tokens = reduce_tokens
+    reference = samples["token-count oracle"]
+    rows = [
+        {
+            "forward": name,
+            "ms": 1000 * median(times),
+            "time / oracle": median([mine / theirs for mine, theirs in zip(times, reference, strict=True)]),
+        }
+        for name, times in samples.items()
+    ]
+    return "\n\n".join(
+        [
+            f"Whole forwards at batch 1 against the token-count oracle (same model, median of {rounds} interleaved "
+            "rounds of one forward):",
+            markdown_table(rows, ["forward", "ms", "time / oracle"]),
+        ]
+    )
 
 
 if __name__ == "__main__":
