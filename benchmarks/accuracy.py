@@ -214,15 +214,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 # -- ImageNet mode: the real DeiT-Tiny of ../shared at FLOPs budgets -------------------------------------------------
 
-IMAGENET_METHODS = ["paper", "default", "drop", "fuse", "tome", "rule", "calibrated", "keep0.7"]
+IMAGENET_METHODS = [
+    *("paper", "default", "keepnorm", "drop", "fuse", "tome"),
+    *("rule", "rule_keepnorm", "calibrated", "keep0.7"),
+]
 METHOD_LABELS = {
     "unpatched": "unpatched",
     "paper": "merge, paper's (plain eq. 4)",
     "default": "merge, library defaults",
+    "keepnorm": "merge, defaults + keep_norm",
     "drop": "drop",
     "fuse": "fuse (EViT)",
     "tome": "ToMe schedule (bipartite, constant r)",
     "rule": "flops= rule",
+    "rule_keepnorm": "flops= rule + keep_norm",
     "calibrated": "calibrate(flops=)",
     "keep0.7": "patch(model, keep_rate=0.7)",
 }
@@ -238,6 +243,7 @@ IMAGENET_CSV_COLUMNS = [
     "key",
     "method",
     "size_weighted",
+    "keep_norm",
     "prop_attn",
     *_IMAGENET_MEASURED,
     "correct",
@@ -396,10 +402,12 @@ def _shown(path: Path) -> str:
 
 
 def _flags(config: PatchConfig | None) -> str:
-    """The options that change a reduction's result, in words: ``size-weighted``, ``prop. attn`` or ``plain``."""
+    """The options that change a reduction's result, in words: ``size-weighted``, ``keep norm``, ``prop. attn`` or
+    ``plain``."""
     if config is None:
         return ""
-    flags = [name for name, on in (("size-weighted", config.size_weighted), ("prop. attn", config.prop_attn)) if on]
+    named = (("size-weighted", config.size_weighted), ("keep norm", config.keep_norm), ("prop. attn", config.prop_attn))
+    flags = [name for name, on in named if on]
     return " + ".join(flags) or "plain"
 
 
@@ -555,6 +563,7 @@ def imagenet_main(argv: list[str]) -> list[dict]:
             "method": METHOD_LABELS[key],
             "flags": _flags(config),
             "size_weighted": "" if config is None else config.size_weighted,
+            "keep_norm": "" if config is None else config.keep_norm,
             "prop_attn": "" if config is None else config.prop_attn,
             "layers": _short_layers(layers),
             "keep rates": extra.get("rates_text") or "/".join(f"{r:.4f}" for r in rates),
@@ -588,15 +597,17 @@ def imagenet_main(argv: list[str]) -> list[dict]:
         paper_rate = None
         for key in [m for m in args.methods if m != "keep0.7"]:
             model.cpu()  # FLOPs are counted on the CPU
-            if key in ("paper", "default") and paper_rate is not None:
-                tm.patch(model, layers, paper_rate)  # the default flags at the paper row's rate
+            if key in ("paper", "default", "keepnorm") and paper_rate is not None:
+                # the default flags (and keep_norm) at the paper row's rate
+                tm.patch(model, layers, paper_rate, keep_norm=key == "keepnorm")
                 report, fraction = fit.count()
                 model.to(device)
                 measure(key, budget, report, fraction)
                 continue
-            if key in ("paper", "default", "drop", "fuse"):
-                method = "merge" if key in ("paper", "default") else key
+            if key in ("paper", "default", "keepnorm", "drop", "fuse"):
+                method = "merge" if key in ("paper", "default", "keepnorm") else key
                 flags = {"size_weighted": False, "prop_attn": False} if key == "paper" else {}
+                flags = {"keep_norm": True} if key == "keepnorm" else flags
 
                 def apply(rate: float, method=method, flags=flags) -> None:
                     tm.patch(model, layers, rate, method=method, **flags)
@@ -614,8 +625,8 @@ def imagenet_main(argv: list[str]) -> list[dict]:
                 model.to(device)
                 measure(key, budget, report, fraction, rates_text=f"r={r}")
                 continue
-            elif key == "rule":
-                tm.patch(model, flops=budget)
+            elif key in ("rule", "rule_keepnorm"):
+                tm.patch(model, flops=budget, keep_norm=key == "rule_keepnorm")
                 report, fraction = fit.count()
             else:  # calibrated
                 tm.unpatch(model)
@@ -684,11 +695,13 @@ def imagenet_main(argv: list[str]) -> list[dict]:
         f"- **merge, paper's / library defaults, drop, fuse**: blocks {blocks}, one keep rate fitted so the count "
         "lands in [budget - 0.01, budget]. The paper's merge is plain eq. 4 (size_weighted=False, prop_attn=False); "
         "the library-defaults merge has the same blocks and rate and patch()'s default options; drop and fuse fit "
-        "their own rate, with patch()'s defaults. **flags**: what was on (size-weighted: eq. 4 weighted by score x "
-        "size; prop. attn: proportional attention, log(size) added to the attention logits; plain: neither).",
+        "their own rate, with patch()'s defaults; **+ keep_norm** rows add keep_norm=True (each merged token gets "
+        "its longest member's norm). **flags**: what was on (size-weighted: eq. 4 weighted by score x size; keep "
+        "norm; prop. attn: proportional attention, log(size) added to the attention logits; plain: none).",
         "- **ToMe schedule**: method='bipartite', prop_attn, r tokens merged in every block from 0 (constant r), the "
         "smallest integer r within the budget, so it can land up to one step of r below.",
-        "- **flops= rule**: patch(model, flops=budget) (a fixed rule, no data). **calibrate(flops=)**: "
+        "- **flops= rule**: patch(model, flops=budget) (a fixed rule, no data; + keep_norm: with keep_norm=True). "
+        "**calibrate(flops=)**: "
         f"tm.calibrate(model, calibration images, flops=budget) with {calib_search}, applied with "
         "patch(model, config=plan); calib s is its wall time.",
         f"- **patch(model, keep_rate=0.7)**: patch()'s defaults (blocks {blocks}), no budget.",

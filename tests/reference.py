@@ -22,6 +22,7 @@ class Options:
     similarity: str = "cosine"
     merge_into_cls: bool = False
     size_weighted: bool = False
+    keep_norm: bool = False
     prop_attn: bool | None = None  # None: the library's default, on for merge and bipartite
 
     def __post_init__(self) -> None:
@@ -93,6 +94,9 @@ def reference_reduce(
     for t, group in members.items():
         total = weight[t] + sum(weight[u] for u in group)
         new_x[t] = (weight[t] * x[t] + sum(weight[u] * x[u] for u in group)) / total
+        if opt.keep_norm:  # the merged token gets the longest member's norm, eq. 4's direction
+            longest = max(float(x[m].norm()) for m in [t, *group])
+            new_x[t] = new_x[t] * (longest / float(new_x[t].norm()))
         new_sizes[t] = sizes[t] + sum(sizes[u] for u in group)
     rows = prefix_rows + targets
     return new_x[rows], [new_sizes[r] for r in rows]
@@ -132,6 +136,7 @@ REFERENCE_METHODS = [
     ("merge", {}),
     ("merge", dict(prop_attn=False)),
     ("merge", dict(size_weighted=True)),
+    ("merge", dict(keep_norm=True)),
     ("drop", {}),
     ("fuse", {}),
     ("bipartite", {}),

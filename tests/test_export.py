@@ -22,11 +22,11 @@ HAS_ONNX = all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript",
 NO_ONNX = "onnx, onnxscript and onnxruntime are not all installed: pip install 'tokenmerge_patch[export]' (or [test])"
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason=NO_ONNX)
 
-# every method with both settings of the flags that apply to it: size_weighted and prop_attn for merge (both on, and
-# both off: the paper's literal method), prop_attn for bipartite; drop ignores both and fuse takes neither (EViT's
-# fused token is a sum, not a mean). Repeats (a default equal to a listed setting) are skipped.
+# every method with both settings of the flags that apply to it: size_weighted, keep_norm and prop_attn for merge
+# (all on, and all off: the paper's literal method), prop_attn for bipartite; drop ignores them and fuse takes none
+# (EViT's fused token is a sum, not a mean). Repeats (a default equal to a listed setting) are skipped.
 PLANS = [
-    ("merge", dict(size_weighted=True, prop_attn=True)),
+    ("merge", dict(size_weighted=True, keep_norm=True, prop_attn=True)),
     ("merge", dict(size_weighted=False, prop_attn=False)),
     ("drop", {}),
     ("fuse", {}),

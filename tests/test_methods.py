@@ -54,7 +54,13 @@ def test_size_weighted_and_prop_attn_match_reference(images: torch.Tensor) -> No
     literal = dict(size_weighted=False, prop_attn=False)  # the paper's method
     paper = patched_logits(model, images, **literal)
     torch.testing.assert_close(paper, reference_logits(model, images, PLAN, **literal)[0], atol=1e-4, rtol=1e-4)
-    for options in (dict(size_weighted=True, prop_attn=False), {}, dict(size_weighted=True, prop_attn=True)):
+    for options in (
+        dict(size_weighted=True, prop_attn=False),
+        {},
+        dict(size_weighted=True, prop_attn=True),
+        dict(keep_norm=True, prop_attn=False),
+        dict(keep_norm=True),
+    ):
         expected, _ = reference_logits(model, images, PLAN, **options)
         actual = patched_logits(model, images, **options)
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
@@ -63,6 +69,7 @@ def test_size_weighted_and_prop_attn_match_reference(images: torch.Tensor) -> No
     # the default is proportional attention alone
     torch.testing.assert_close(patched_logits(model, images), patched_logits(model, images, prop_attn=True))
     assert not tm.patch_config(model).size_weighted and tm.patch_config(model).prop_attn
+    assert not tm.patch_config(model).keep_norm
 
 
 @needs_attn_mask
@@ -189,6 +196,8 @@ def test_random_similarity_is_seeded(images: torch.Tensor) -> None:
         (dict(similarity="dot"), ValueError, "similarity must be one of"),
         (dict(method="drop", similarity="l2"), ValueError, "similarity applies to method='merge' only"),
         (dict(method="fuse", size_weighted=True), ValueError, "size_weighted applies to method='merge' only"),
+        (dict(method="drop", keep_norm=True), ValueError, "keep_norm applies to method='merge' only"),
+        (dict(keep_norm=1), TypeError, "keep_norm must be a bool"),
         (dict(prop_attn="yes"), TypeError, "prop_attn must be a bool"),
         (dict(seed=1.5), TypeError, "seed must be an int"),
     ],

@@ -84,6 +84,24 @@ def test_merge_one_image_by_hand() -> None:
     assert out.keep_index.tolist() == [[0, 1]]
 
 
+def test_keep_norm_by_hand() -> None:
+    x, q, k = hand_example()
+    out = reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5, keep_norm=True)
+    # the same groups and directions as eq. 4; each merged token is as long as its longest member:
+    # group 0 holds (1, 0) and (1, -0.2) (norm 1.0198), group 1 holds (0, 1) and (0.1, 1) (norm 1.005)
+    m0 = (0.4 * torch.tensor([1.0, 0.0]) + 0.1 * torch.tensor([1.0, -0.2])) / 0.5
+    m1 = (0.2 * torch.tensor([0.0, 1.0]) + 0.1 * torch.tensor([0.1, 1.0])) / 0.3
+    m0, m1 = m0 * (1.04**0.5 / m0.norm()), m1 * (1.01**0.5 / m1.norm())
+    torch.testing.assert_close(out.x[0], torch.stack([torch.tensor(CLS), m0, m1]))
+    assert out.sizes.tolist() == [[1.0, 2.0, 2.0]]
+    plain = reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5)
+    assert not torch.allclose(out.x, plain.x)
+    # keeping 3: patch 3 joins patch 1; patches 0 and 2, merged with nothing, keep exactly their own vectors
+    alone = reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.75, keep_norm=True)
+    assert alone.sizes.tolist() == [[1.0, 1.0, 2.0, 1.0]]
+    torch.testing.assert_close(alone.x[0, [1, 3]], x[0, [1, 3]])
+
+
 def test_merge_into_cls_by_hand() -> None:
     x, q, k = hand_example()
     out = reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5, merge_into_cls=True, trace_source=True)

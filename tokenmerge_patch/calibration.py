@@ -15,9 +15,10 @@ The search (deterministic; a fixed number of block evaluations, no clock):
 2. *Budget moves*: for each block, the divergence of keeping a little more and of keeping a little less; the
    blocks where more tokens buy most and where fewer cost least trade FLOPs (the cheaper block re-solved to
    stay inside the budget) while the divergence falls; the step halves when no trade helps.
-3. Whether the size-weighted merge helps (off or on). Every fourth calibration image is held out of steps 1-2:
-   the plan returned is whichever of the search's start, its end and their size-weighting twins diverges least
-   on those images, so budget moves that only fit the search images are dropped.
+3. Every fourth calibration image is held out of steps 1-2: whichever of the search's start and its end diverges
+   less on those images is kept, so budget moves that only fit the search images are dropped. Then whether the
+   size-weighted merge and the norm-keeping merge (``keep_norm``) help (each off or on) is decided on all the
+   images (no step fitted these options, so all of them are fair judges, and four times as many as the held-out).
 
 Every evaluation reruns only the blocks a candidate changes: the unpatched model's block inputs are cached once,
 and so are the current best plan's (their merge records travel with them), so a candidate that first differs from
@@ -56,10 +57,12 @@ TINY = 1e-3  # a keep rate that leaves one patch token
 
 
 class Score(NamedTuple):
-    """Mean divergence from the unpatched model on the images the search decides by, and on the held-out ones."""
+    """Mean divergence from the unpatched model on the images the search decides by, on the held-out ones, and on
+    all of them."""
 
     search: float
     held: float
+    overall: float
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Candidate:
 
     rates: tuple[float, ...]
     size_weighted: bool
+    keep_norm: bool = False
 
     @property
     def first(self) -> int:
@@ -75,10 +79,17 @@ class Candidate:
 
     def config(self, base: PatchConfig) -> PatchConfig:
         layers = tuple(i for i, rate in enumerate(self.rates) if rate < 1.0)
-        size_weighted = self.size_weighted and base.method == "merge"
+        merge = base.method == "merge"
         return replace(
-            base, layers=layers, keep_rates=tuple(self.rates[i] for i in layers), size_weighted=size_weighted
+            base,
+            layers=layers,
+            keep_rates=tuple(self.rates[i] for i in layers),
+            size_weighted=self.size_weighted and merge,
+            keep_norm=self.keep_norm and merge,
         )
+
+    def options(self) -> tuple[bool, bool]:
+        return self.size_weighted, self.keep_norm
 
 
 def shaped_rates(depth: int, start: int, cut: float, slope: float = 0.0, last_one: bool = True) -> tuple[float, ...]:
@@ -188,15 +199,16 @@ class _Runner:
     def _score(self, per_image: list[Tensor]) -> Score:
         divergence = torch.cat(per_image).double()
         held = self.held_out
+        overall = float(divergence.mean())
         if not held.any():
-            return Score(float(divergence.mean()), float(divergence.mean()))
-        return Score(float(divergence[~held].mean()), float(divergence[held].mean()))
+            return Score(overall, overall, overall)
+        return Score(float(divergence[~held].mean()), float(divergence[held].mean()), overall)
 
     def evaluate(self, candidate: Candidate) -> Score:
         """Mean divergence of ``candidate`` from the unpatched model, on the search and the held-out images."""
         start, inputs = candidate.first, None
         anchor = self.anchor
-        if anchor is not None and anchor.size_weighted == candidate.size_weighted:
+        if anchor is not None and anchor.options() == candidate.options():
             pairs = enumerate(zip(anchor.rates, candidate.rates, strict=True))
             differs = next((i for i, (a, b) in pairs if a != b), None)
             if differs is None:
@@ -392,14 +404,14 @@ def _search(
             rates = solve_scalar(shape, share, aim, 0.0, 1.0)
             if rates is None:
                 continue
-            candidate = Candidate(rates, base.size_weighted)
+            candidate = Candidate(rates, base.size_weighted, base.keep_norm)
             divergence = runner.evaluate(candidate).search
             if best is None or divergence < best[0]:
                 best = (divergence, candidate)
     try:  # the data-free rule of patch(flops=...) competes too, so calibrating never does worse on these images
         layers, keep_rates = rule_keep_rates(flops_of, depth, base.method, last_one, aim)
         rule = dict(zip(layers, keep_rates, strict=True))
-        candidate = Candidate(tuple(rule.get(i, 1.0) for i in range(depth)), base.size_weighted)
+        candidate = Candidate(tuple(rule.get(i, 1.0) for i in range(depth)), base.size_weighted, base.keep_norm)
         divergence = runner.evaluate(candidate).search
         if best is None or divergence < best[0]:
             best = (divergence, candidate)
@@ -452,13 +464,21 @@ def _search(
         if not accepted:
             step /= 2
 
-    # 3. size weighting on or off, then the held-out images decide between the search's start and its end
-    finals = [(runner.set_anchor(plan), plan)] if plan != start else []
+    # 3. the held-out images decide between the search's start and its end (the end is fitted to the others); then
+    # all the images decide whether size weighting and norm keeping help there (options no step has fitted)
+    if plan != start:
+        plan_score = runner.set_anchor(plan)
+        plan, score = min(((start, start_score), (plan, plan_score)), key=lambda pair: pair[1].held)
+    else:
+        score = start_score
     if base.method == "merge":
-        for candidate in (start, plan) if plan != start else (start,):
-            other = replace(candidate, size_weighted=not candidate.size_weighted)
-            finals.append((runner.evaluate(other), other))
-    plan = min([(start_score, start), *finals], key=lambda pair: pair[0].held)[1]
+        twins = [(plan, score)]
+        for size_weighted, keep_norm in ((True, False), (False, True), (True, True)):
+            other = replace(
+                plan, size_weighted=plan.size_weighted != size_weighted, keep_norm=plan.keep_norm != keep_norm
+            )
+            twins.append((other, runner.evaluate(other)))
+        plan = min(twins, key=lambda pair: pair[1].overall)[0]
     bar.close()
     return _fit_budget(model, plan.config(base), fraction, input_size, flops_of.total)
 

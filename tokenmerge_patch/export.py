@@ -38,9 +38,9 @@ def export_onnx(
     file needs onnxruntime).
 
     Every method exports (``"merge"`` with ``"cosine"``, ``"l1"``, ``"l2"`` or ``"attention"`` similarity,
-    ``"drop"``, ``"fuse"``, ``"bipartite"``), with or without ``size_weighted`` / ``prop_attn`` / ``merge_into_cls``;
-    ``similarity="random"`` is refused (it draws from a seeded generator at run time). The same holds for
-    ``torch.export.export`` and ``torch.onnx.export(..., dynamo=True)`` called directly.
+    ``"drop"``, ``"fuse"``, ``"bipartite"``), with or without ``size_weighted`` / ``keep_norm`` / ``prop_attn`` /
+    ``merge_into_cls``; ``similarity="random"`` is refused (it draws from a seeded generator at run time). The same
+    holds for ``torch.export.export`` and ``torch.onnx.export(..., dynamo=True)`` called directly.
 
     Args:
         model: the model to export, in the mode it should run in (call ``model.eval()`` first for inference). For a

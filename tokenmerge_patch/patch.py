@@ -120,6 +120,7 @@ class TokenMergeState:
             similarity=config.similarity,
             merge_into_cls=config.merge_into_cls,
             size_weighted=config.size_weighted,
+            keep_norm=config.keep_norm,
             attn_bias=attn_bias,
             sizes=None if record is None else record[0],
             source=None if record is None else record[1],
@@ -225,6 +226,7 @@ def patch(
     similarity: str = "cosine",
     merge_into_cls: bool = False,
     size_weighted: bool = False,
+    keep_norm: bool = False,
     prop_attn: bool | None = None,
     trace_source: bool = False,
     seed: int = 0,
@@ -272,6 +274,9 @@ def patch(
             reading); by default prefix tokens are never merge targets.
         size_weighted: weight eq. 4 by score x size (how many patches a token already holds) instead of
             the score alone (``"merge"`` only; off: measured a tie, slightly worse by KL).
+        keep_norm: give each merged token the largest norm among the tokens merged into it, keeping eq. 4's
+            direction (``"merge"`` only; a norm-preserving merge after ToFu's MLERP: the mean of dissimilar tokens
+            is shorter than any of them). Off by default; it helps most at strong reductions (README).
         prop_attn: proportional attention: after a reduction, attention adds ``log(size)`` to each key's
             logit (passed to SDPA as a float mask), so a merged token counts as the patches it holds.
             ``None``: on for ``"merge"`` and ``"bipartite"``; it does nothing for ``"drop"`` (every token is
@@ -312,6 +317,7 @@ def patch(
         similarity=similarity,
         merge_into_cls=merge_into_cls,
         size_weighted=size_weighted,
+        keep_norm=keep_norm,
         prop_attn=prop_attn,
         trace_source=trace_source,
         seed=seed,
@@ -348,6 +354,7 @@ _OPTION_DEFAULTS = dict(
     similarity="cosine",
     merge_into_cls=False,
     size_weighted=False,
+    keep_norm=False,
     prop_attn=None,
     trace_source=False,
     seed=0,

@@ -32,7 +32,8 @@ class PatchConfig:
     Attributes:
         layers: 0-based indices of the reducing blocks, ascending.
         keep_rates: one keep rate in (0, 1] per entry of ``layers``.
-        method, similarity, merge_into_cls, size_weighted, prop_attn, trace_source, seed: as in ``patch``.
+        method, similarity, merge_into_cls, size_weighted, keep_norm, prop_attn, trace_source, seed: as in
+            ``patch``.
         depth: number of blocks of the model the plan was made for (``None``: any model deep enough);
             ``patch(model, config=plan)`` refuses a model of another depth.
     """
@@ -43,6 +44,7 @@ class PatchConfig:
     similarity: str = "cosine"
     merge_into_cls: bool = False
     size_weighted: bool = False
+    keep_norm: bool = False
     prop_attn: bool = True
     trace_source: bool = False
     seed: int = 0
@@ -117,10 +119,10 @@ class PatchConfig:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.similarity != "cosine" and self.method != "merge":
             raise ValueError(f"similarity applies to method='merge' only, got method={self.method!r}")
-        for name in ("merge_into_cls", "size_weighted", "prop_attn", "trace_source"):
+        for name in ("merge_into_cls", "size_weighted", "keep_norm", "prop_attn", "trace_source"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
-        for name in ("merge_into_cls", "size_weighted"):
+        for name in ("merge_into_cls", "size_weighted", "keep_norm"):
             if getattr(self, name) and self.method != "merge":
                 raise ValueError(f"{name} applies to method='merge' only, got method={self.method!r}")
         if self.method == "fuse" and self.prop_attn:
@@ -141,6 +143,7 @@ class PatchConfig:
             similarity=self.similarity,
             merge_into_cls=self.merge_into_cls,
             size_weighted=self.size_weighted,
+            keep_norm=self.keep_norm,
             prop_attn=self.prop_attn,
             trace_source=self.trace_source,
             seed=int(self.seed),

@@ -228,7 +228,9 @@ def group_sum(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
     return out.view(batch, num_groups, *values.shape[2:])
 
 
-def group_weighted_mean(tokens: Tensor, weights: Tensor, group: Tensor, num_groups: int) -> Tensor:
+def group_weighted_mean(
+    tokens: Tensor, weights: Tensor, group: Tensor, num_groups: int, keep_norm: bool = False
+) -> Tensor:
     """Eq. 4 for every group at once: ``m_g = sum_{i in g} w_i x_i / sum_{i in g} w_i``.
 
     The weights are normalised per group in float32 before touching the tokens: in fp16 a softmax score
@@ -238,10 +240,28 @@ def group_weighted_mean(tokens: Tensor, weights: Tensor, group: Tensor, num_grou
     Args:
         tokens: ``[B, M, C]``; weights: ``[B, M]`` (>= 0); group: ``[B, M]`` group index in
             ``0..num_groups-1`` (every group must hold at least one token).
+        keep_norm: rescale each ``m_g`` to the largest norm among its members (a norm-preserving merge, after
+            ToFu's MLERP): the mean of dissimilar tokens is shorter than any of them, and the residual stream
+            then carries a weakened token into every later block. Its direction is eq. 4's.
+
+    >>> tokens = torch.tensor([[[3.0, 0.0], [0.0, 4.0], [1.0, 1.0]]])
+    >>> group, weights = torch.tensor([[0, 0, 1]]), torch.ones(1, 3)
+    >>> group_weighted_mean(tokens, weights, group, 2)
+    tensor([[[1.5000, 2.0000],
+             [1.0000, 1.0000]]])
+    >>> group_weighted_mean(tokens, weights, group, 2, keep_norm=True)  # |(1.5, 2)| = 2.5 -> 4
+    tensor([[[2.4000, 3.2000],
+             [1.0000, 1.0000]]])
     """
     weights = weights.float().clamp_min(1e-30)
     share = weights / group_sum(weights, group, num_groups).gather(1, group)
-    return group_sum(tokens * share.to(tokens.dtype).unsqueeze(-1), group, num_groups)
+    merged = group_sum(tokens * share.to(tokens.dtype).unsqueeze(-1), group, num_groups)
+    if not keep_norm:
+        return merged
+    norms = tokens.float().norm(dim=-1)  # [B, M]
+    largest = norms.new_zeros(group.shape[0], num_groups).scatter_reduce(1, group, norms, "amax", include_self=False)
+    scale = largest / merged.float().norm(dim=-1).clamp_min(1e-12)
+    return merged * scale.to(merged.dtype).unsqueeze(-1)
 
 
 @dataclass
@@ -278,6 +298,7 @@ def reduce_tokens(
     similarity: str = "cosine",
     merge_into_cls: bool = False,
     size_weighted: bool = False,
+    keep_norm: bool = False,
     attn_bias: Tensor | None = None,
     sizes: Tensor | None = None,
     source: Tensor | None = None,
@@ -304,6 +325,8 @@ def reduce_tokens(
         merge_into_cls: let the class token absorb non-crucial tokens too (the paper's literal reading;
             its weight is its attention to itself). Off by default: prefix tokens stay untouched.
         size_weighted: for ``"merge"``, weight eq. 4 by score x size instead of score.
+        keep_norm: for ``"merge"``, give each merged token the largest norm among its members (eq. 4's direction;
+            see :func:`group_weighted_mean`).
         attn_bias: the additive bias ``[B, 1, 1, N]`` the block's attention used (proportional
             attention), so scores match that attention.
         sizes: ``[B, N]`` tokens' sizes so far, ``None`` for all ones.
@@ -378,6 +401,7 @@ def reduce_tokens(
             similarity,
             merge_into_cls,
             size_weighted,
+            keep_norm,
             attn_bias,
             seed,
         )
@@ -453,6 +477,7 @@ def _merge(
     similarity: str,
     merge_into_cls: bool,
     size_weighted: bool,
+    keep_norm: bool,
     attn_bias: Tensor | None,
     seed: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -481,7 +506,7 @@ def _merge(
     group.scatter_(1, others, assignment)
     if size_weighted:
         weights = weights * member_sizes
-    merged = group_weighted_mean(members, weights, group, num_targets)
+    merged = group_weighted_mean(members, weights, group, num_targets, keep_norm)
     merged_sizes = group_sum(member_sizes, group, num_targets)
     if merge_into_cls:  # group 0 is the class token
         out = torch.cat([merged[:, :1], x[:, 1:num_prefix], merged[:, 1:]], dim=1)
