@@ -22,12 +22,14 @@ class Options:
     similarity: str = "cosine"
     merge_into_cls: bool = False
     size_weighted: bool = False
-    keep_norm: bool = False
+    keep_norm: bool | None = None  # None: the library's default, on for merge with proportional attention
     prop_attn: bool | None = None  # None: the library's default, on for merge and bipartite
 
     def __post_init__(self) -> None:
         if self.prop_attn is None:
             self.prop_attn = self.method in ("merge", "bipartite")
+        if self.keep_norm is None:
+            self.keep_norm = self.method == "merge" and self.prop_attn
 
 
 def eager_attention(attn, x: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -136,7 +138,7 @@ REFERENCE_METHODS = [
     ("merge", {}),
     ("merge", dict(prop_attn=False)),
     ("merge", dict(size_weighted=True)),
-    ("merge", dict(keep_norm=True)),
+    ("merge", dict(keep_norm=False)),
     ("drop", {}),
     ("fuse", {}),
     ("bipartite", {}),
@@ -188,7 +190,7 @@ def reference_logits(
 ) -> tuple[Tensor, list[list[int]]]:
     """Logits of the patched model computed from an unpatched timm VisionTransformer, plus the token
     count after every block. Options default as ``patch``'s do (proportional attention for merge and bipartite);
-    ``size_weighted=False, prop_attn=False`` is the paper's literal method."""
+    ``size_weighted=False, prop_attn=False`` is the paper's literal method (``keep_norm`` follows ``prop_attn``)."""
     opt = Options(method=method, merge_into_cls=merge_into_cls, **options)
     tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     prefix = model.num_prefix_tokens

@@ -59,17 +59,22 @@ def test_size_weighted_and_prop_attn_match_reference(images: torch.Tensor) -> No
         {},
         dict(size_weighted=True, prop_attn=True),
         dict(keep_norm=True, prop_attn=False),
-        dict(keep_norm=True),
+        dict(keep_norm=False),
     ):
         expected, _ = reference_logits(model, images, PLAN, **options)
         actual = patched_logits(model, images, **options)
         torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
         # and each option really changes the result
         assert not torch.allclose(actual, paper, atol=1e-4)
-    # the default is proportional attention alone
-    torch.testing.assert_close(patched_logits(model, images), patched_logits(model, images, prop_attn=True))
+    # the default is proportional attention with keep_norm
+    defaults = patched_logits(model, images)
+    torch.testing.assert_close(defaults, patched_logits(model, images, prop_attn=True, keep_norm=True))
     assert not tm.patch_config(model).size_weighted and tm.patch_config(model).prop_attn
-    assert not tm.patch_config(model).keep_norm
+    assert tm.patch_config(model).keep_norm
+    # prop_attn=False is the paper's eq. 4: keep_norm follows it unless given
+    assert not tm.patch_config(tm.patch(model, prop_attn=False)).keep_norm
+    assert tm.patch_config(tm.patch(model, prop_attn=False, keep_norm=True)).keep_norm
+    assert not tm.patch_config(tm.patch(model, method="bipartite")).keep_norm
 
 
 @needs_attn_mask

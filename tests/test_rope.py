@@ -109,6 +109,8 @@ def reference(
     ``naive_positions``: deliberately wrong (every token keeps the table row of its index), to show positions matter.
     """
     prop_attn = opts.pop("prop_attn", method in ("merge", "bipartite"))
+    if method == "merge":  # patch()'s default: keep_norm goes with proportional attention
+        opts.setdefault("keep_norm", prop_attn)
     tokens, table = model._pos_embed(model.patch_embed(x))
     tokens = model.norm_pre(tokens)
     prefix = model.num_prefix_tokens

@@ -226,7 +226,7 @@ def patch(
     similarity: str = "cosine",
     merge_into_cls: bool = False,
     size_weighted: bool = False,
-    keep_norm: bool = False,
+    keep_norm: bool | None = None,
     prop_attn: bool | None = None,
     trace_source: bool = False,
     seed: int = 0,
@@ -239,11 +239,11 @@ def patch(
     best are kept as crucial and every other token is merged into its most cosine-similar crucial token,
     weighted by the scores (eq. 4). Prefix tokens (class, distillation, registers) are never reduced.
 
-    By default, once tokens are merged, attention counts a merged token as the patches it holds (proportional
-    attention, ``prop_attn=True``), which keeps off-the-shelf accuracy far better (real ImageNet DeiT-T at 65 % of
-    the FLOPs in blocks 3, 6, 9: 78.6 % top-1 instead of 76.4 %, 93 % agreement with the unpatched predictions
-    instead of 88 %; ``python benchmarks/accuracy.py --imagenet``, README). The paper's literal version is
-    ``prop_attn=False`` (and ``size_weighted=False``, the default).
+    By default two corrections for merged tokens keep off-the-shelf accuracy far better: attention counts a merged
+    token as the patches it holds (proportional attention, ``prop_attn``), and a merged token keeps the norm of its
+    longest member (``keep_norm``); see the README for the measured effect on a real ImageNet DeiT-T (``python
+    benchmarks/accuracy.py --imagenet``). The paper's literal version is ``prop_attn=False``, which turns both off
+    (with ``size_weighted=False``, the default).
 
     Three ways to say how much to reduce (use one):
 
@@ -276,7 +276,8 @@ def patch(
             the score alone (``"merge"`` only; off: measured a tie, slightly worse by KL).
         keep_norm: give each merged token the largest norm among the tokens merged into it, keeping eq. 4's
             direction (``"merge"`` only; a norm-preserving merge after ToFu's MLERP: the mean of dissimilar tokens
-            is shorter than any of them). Off by default; it helps most at strong reductions (README).
+            is shorter than any of them, and the residual stream would carry it weakened). ``None``: on when
+            ``method="merge"`` attends proportionally (the default), so ``prop_attn=False`` is the paper's eq. 4.
         prop_attn: proportional attention: after a reduction, attention adds ``log(size)`` to each key's
             logit (passed to SDPA as a float mask), so a merged token counts as the patches it holds.
             ``None``: on for ``"merge"`` and ``"bipartite"``; it does nothing for ``"drop"`` (every token is
@@ -354,7 +355,7 @@ _OPTION_DEFAULTS = dict(
     similarity="cosine",
     merge_into_cls=False,
     size_weighted=False,
-    keep_norm=False,
+    keep_norm=None,
     prop_attn=None,
     trace_source=False,
     seed=0,
@@ -388,13 +389,24 @@ def _with_previous_patch_restored(model: nn.Module, backend: Backend, search):
 
 
 def _validated_config(
-    depth: int, layers: LayerSpec, keep_rate: KeepRateSpec, *, prop_attn: bool | None, **options: object
+    depth: int,
+    layers: LayerSpec,
+    keep_rate: KeepRateSpec,
+    *,
+    prop_attn: bool | None,
+    keep_norm: bool | None = None,
+    **options: object,
 ) -> PatchConfig:
     """``patch``'s arguments as a checked plan (``layers``/``keep_rate`` by ``resolve_plan``, the options by
-    :meth:`PatchConfig.validate`; ``prop_attn=None`` is on for merge and bipartite)."""
+    :meth:`PatchConfig.validate`; ``prop_attn=None`` is on for merge and bipartite, ``keep_norm=None`` for merge
+    with proportional attention)."""
+    method = options.get("method", "merge")
     if prop_attn is None:
-        prop_attn = options.get("method", "merge") in ("merge", "bipartite")
-    checked = PatchConfig(layers=(0,), keep_rates=(1.0,), prop_attn=prop_attn, **options).validate()
+        prop_attn = method in ("merge", "bipartite")
+    if keep_norm is None:
+        keep_norm = method == "merge" and prop_attn is True
+    checked = PatchConfig(layers=(0,), keep_rates=(1.0,), prop_attn=prop_attn, keep_norm=keep_norm, **options)
+    checked = checked.validate()
     plan = resolve_plan(depth, layers, keep_rate)
     return replace(
         checked,

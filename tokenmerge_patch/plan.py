@@ -36,6 +36,9 @@ class PatchConfig:
             ``patch``.
         depth: number of blocks of the model the plan was made for (``None``: any model deep enough);
             ``patch(model, config=plan)`` refuses a model of another depth.
+
+    A plan says everything explicitly, so its own field defaults are fixed values: ``keep_norm=False`` (as in
+    plans written before the option existed), where ``patch(...)`` turns it on by default with ``prop_attn``.
     """
 
     layers: tuple[int, ...]
