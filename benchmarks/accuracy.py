@@ -10,6 +10,8 @@ the evaluation set of every row, 256 images of the even classes calibrate ``tm.c
 the FLOPs: the paper's plain merge in blocks 3, 6, 9, the library's default merge, drop, fuse, a ToMe schedule,
 the ``flops=`` rule and calibrated plans. Writes ``accuracy_imagenet.{csv,md,png}`` and
 ``accuracy_imagenet_plans.json``; ``--quick`` (100 / 64 images, one budget) writes ``*_quick.*`` instead.
+``--swap-halves`` runs the other fold (calibrate on the odd classes, evaluate on the even ones) into
+``accuracy_imagenet_swapped.*``: a second held-out check of whatever was chosen looking at the first.
 
 Model sources: ``--checkpoint DIR`` (``model.safetensors`` + ``config.json``, the format of
 ../shared/models/vit_mnist_tiny) or ``--model NAME`` (timm; ``--pretrained`` needs the network).
@@ -36,6 +38,7 @@ import tokenmerge_patch as tm
 from tokenmerge_patch import PatchConfig
 from tokenmerge_patch.budget import flop_model, token_counts_for, tome_keep_rates
 from tokenmerge_patch.data import (
+    Split,
     dataset_from_spec,
     evenly_spaced,
     load_imagenet,
@@ -215,19 +218,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
 # -- ImageNet mode: the real DeiT-Tiny of ../shared at FLOPs budgets -------------------------------------------------
 
 IMAGENET_METHODS = [
-    *("paper", "default", "keepnorm", "drop", "fuse", "tome"),
-    *("rule", "rule_keepnorm", "calibrated", "keep0.7"),
+    *("paper", "nonorm", "default", "drop", "fuse", "tome"),
+    *("rule_nonorm", "rule", "calibrated", "keep0.7"),
 ]
 METHOD_LABELS = {
     "unpatched": "unpatched",
     "paper": "merge, paper's (plain eq. 4)",
     "default": "merge, library defaults",
-    "keepnorm": "merge, defaults + keep_norm",
+    "nonorm": "merge, prop. attn only (keep_norm=False)",
     "drop": "drop",
     "fuse": "fuse (EViT)",
     "tome": "ToMe schedule (bipartite, constant r)",
     "rule": "flops= rule",
-    "rule_keepnorm": "flops= rule + keep_norm",
+    "rule_nonorm": "flops= rule, keep_norm=False",
     "calibrated": "calibrate(flops=)",
     "keep0.7": "patch(model, keep_rate=0.7)",
 }
@@ -274,6 +277,12 @@ def parse_imagenet_args(argv: list[str]) -> argparse.Namespace:
         "--calib-images", type=int, default=None, help="how many of the calibration half calibrate (default: 256)"
     )
     parser.add_argument("--budgets", default=None, help="FLOPs fractions (default: 0.8,0.65,0.5)")
+    parser.add_argument(
+        "--swap-halves",
+        action="store_true",
+        help="the other fold: calibrate on the odd classes and evaluate on the even ones (writes "
+        "accuracy_imagenet_swapped.*), a second held-out check of everything chosen on the first",
+    )
     parser.add_argument("--methods", default=",".join(IMAGENET_METHODS), help=", ".join(IMAGENET_METHODS))
     parser.add_argument("--model-dir", type=Path, default=IMAGENET_MODEL, help="folder with model.safetensors")
     parser.add_argument("--images", type=Path, default=IMAGENET_DIR, help="ImageNet folder (<wnid>/ or val/<wnid>/)")
@@ -283,7 +292,7 @@ def parse_imagenet_args(argv: list[str]) -> argparse.Namespace:
         "--calib-block-runs",
         type=int,
         default=None,
-        help="calibrate's max_block_runs: its search budget (default: calibrate's own, 50 forwards' worth)",
+        help="calibrate's max_block_runs: its search budget (default: calibrate's own, 30 forwards' worth)",
     )
     parser.add_argument("--workers", type=int, default=2, help="processes decoding the JPEGs (0: in this one)")
     parser.add_argument("--device", default=None)
@@ -309,10 +318,9 @@ def parse_imagenet_args(argv: list[str]) -> argparse.Namespace:
         where = SHARED if args.model_dir == IMAGENET_MODEL else args.model_dir
         parser.error(f"the ImageNet model or images are not there ({where}): --imagenet needs ../shared")
     full = args.calib_block_runs is None and all(getattr(args, key) == value for key, value in IMAGENET_FULL.items())
-    args.plans_stem = output_stem(
-        None if args.stem is None else f"{args.stem}_plans", "accuracy_imagenet_plans", full=full
-    )
-    args.stem = output_stem(args.stem, "accuracy_imagenet", full=full)
+    name = "accuracy_imagenet_swapped" if args.swap_halves else "accuracy_imagenet"
+    args.plans_stem = output_stem(None if args.stem is None else f"{args.stem}_plans", f"{name}_plans", full=full)
+    args.stem = output_stem(args.stem, name, full=full)
     return args
 
 
@@ -436,27 +444,32 @@ def _classes(labels: Sequence[int]) -> str:
     return ", ".join(map(str, labels)) if len(labels) <= 7 else ", ".join(map(str, labels[:4])) + f", …, {labels[-1]}"
 
 
-def describe_images(split, eval_idx, calib_idx, targets, folder: Path, calibrating: bool) -> list[str]:
+def describe_images(
+    split, eval_idx, calib_idx, targets, folder: Path, calibrating: bool, swapped: bool = False
+) -> list[str]:
     """Which images did what, in words (for the printed table and the markdown)."""
+    evaluates, calibrates = ("even", "odd") if swapped else ("odd", "even")
     eval_classes = [targets[i] for i in eval_idx]
     evaluation = (
-        f"all {len(eval_idx)} images of the odd class indices 1, 3, …, 999"
+        f"all {len(eval_idx)} images of the {evaluates} class indices {eval_classes[0]}, {eval_classes[1]}, …, "
+        f"{eval_classes[-1]}"
         if len(eval_idx) == len(split.evaluation)
-        else f"{len(eval_idx)} of the {len(split.evaluation)} images of the odd class indices, evenly spaced over "
-        f"the class order: classes {_classes(eval_classes)}"
+        else f"{len(eval_idx)} of the {len(split.evaluation)} images of the {evaluates} class indices, evenly spaced "
+        f"over the class order: classes {_classes(eval_classes)}"
     )
     lines = [
         f"Images: {_shown(folder)} (ImageNet validation images, one per class; class index = line of "
         "synset_words.txt); resize 256 bicubic, centre crop 224, ImageNet mean/std. Split by class index "
-        "(tokenmerge_patch.data.split_by_class): even classes calibrate, odd classes evaluate, no class on both sides.",
+        f"(tokenmerge_patch.data.split_by_class{', halves swapped' if swapped else ''}): {calibrates} classes "
+        f"calibrate, {evaluates} classes evaluate, no class on both sides.",
         f"- **evaluation** (every top-1 and agreement below): {evaluation}.",
     ]
     if calibrating:
         calib_classes = [targets[i] for i in calib_idx]
         lines.append(
             f"- **calibration** (`tm.calibrate` only, never evaluated on): {len(calib_idx)} of the "
-            f"{len(split.calibration)} images of the even class indices, evenly spaced over the class order: classes "
-            f"{_classes(calib_classes)} (every file: the plans JSON)."
+            f"{len(split.calibration)} images of the {calibrates} class indices, evenly spaced over the class order: "
+            f"classes {_classes(calib_classes)} (every file: the plans JSON)."
         )
     return lines
 
@@ -512,6 +525,8 @@ def imagenet_main(argv: list[str]) -> list[dict]:
     input_size = (3, *model.patch_embed.img_size)
     dataset = load_imagenet(args.images, image_size=tuple(model.patch_embed.img_size))
     split = split_by_class(dataset.targets)
+    if args.swap_halves:
+        split = Split(calibration=split.evaluation, evaluation=split.calibration)
     eval_idx = evenly_spaced(split.evaluation, args.eval_images)
     calibrating = "calibrated" in args.methods
     calib_idx = evenly_spaced(split.calibration, args.calib_images) if calibrating else []
@@ -597,17 +612,17 @@ def imagenet_main(argv: list[str]) -> list[dict]:
         paper_rate = None
         for key in [m for m in args.methods if m != "keep0.7"]:
             model.cpu()  # FLOPs are counted on the CPU
-            if key in ("paper", "default", "keepnorm") and paper_rate is not None:
-                # the default flags (and keep_norm) at the paper row's rate
-                tm.patch(model, layers, paper_rate, keep_norm=key == "keepnorm")
+            if key in ("paper", "default", "nonorm") and paper_rate is not None:
+                # the default flags (without keep_norm for nonorm) at the paper row's rate
+                tm.patch(model, layers, paper_rate, keep_norm=None if key == "default" else False)
                 report, fraction = fit.count()
                 model.to(device)
                 measure(key, budget, report, fraction)
                 continue
-            if key in ("paper", "default", "keepnorm", "drop", "fuse"):
-                method = "merge" if key in ("paper", "default", "keepnorm") else key
+            if key in ("paper", "default", "nonorm", "drop", "fuse"):
+                method = "merge" if key in ("paper", "default", "nonorm") else key
                 flags = {"size_weighted": False, "prop_attn": False} if key == "paper" else {}
-                flags = {"keep_norm": True} if key == "keepnorm" else flags
+                flags = {"keep_norm": False} if key == "nonorm" else flags
 
                 def apply(rate: float, method=method, flags=flags) -> None:
                     tm.patch(model, layers, rate, method=method, **flags)
@@ -625,8 +640,8 @@ def imagenet_main(argv: list[str]) -> list[dict]:
                 model.to(device)
                 measure(key, budget, report, fraction, rates_text=f"r={r}")
                 continue
-            elif key in ("rule", "rule_keepnorm"):
-                tm.patch(model, flops=budget, keep_norm=key == "rule_keepnorm")
+            elif key in ("rule", "rule_nonorm"):
+                tm.patch(model, flops=budget, keep_norm=False if key == "rule_nonorm" else None)
                 report, fraction = fit.count()
             else:  # calibrated
                 tm.unpatch(model)
@@ -665,7 +680,7 @@ def imagenet_main(argv: list[str]) -> list[dict]:
         f"Model: timm `{IMAGENET_ARCH}` with the ImageNet-1k weights of {_shown(args.model_dir)}, no fine-tuning; "
         f"unpatched {rows[0]['GFLOPs']:.3f} GFLOPs per image (fvcore with the SDPA handle, one multiply-add = "
         "one flop).",
-        *describe_images(split, eval_idx, calib_idx, dataset.targets, root, calibrating),
+        *describe_images(split, eval_idx, calib_idx, dataset.targets, root, calibrating, args.swap_halves),
         "",
     ]
     table_rows = [{**row, "tokens": row["tokens_short"], "keep rates": row["rates_short"]} for row in rows]
@@ -695,12 +710,13 @@ def imagenet_main(argv: list[str]) -> list[dict]:
         f"- **merge, paper's / library defaults, drop, fuse**: blocks {blocks}, one keep rate fitted so the count "
         "lands in [budget - 0.01, budget]. The paper's merge is plain eq. 4 (size_weighted=False, prop_attn=False); "
         "the library-defaults merge has the same blocks and rate and patch()'s default options; drop and fuse fit "
-        "their own rate, with patch()'s defaults; **+ keep_norm** rows add keep_norm=True (each merged token gets "
-        "its longest member's norm). **flags**: what was on (size-weighted: eq. 4 weighted by score x size; keep "
-        "norm; prop. attn: proportional attention, log(size) added to the attention logits; plain: none).",
+        "their own rate, with patch()'s defaults; the **keep_norm=False** rows turn that default off (keep norm: each "
+        "merged token gets its longest member's norm). **flags**: what was on (size-weighted: eq. 4 weighted by "
+        "score x size; keep norm; prop. attn: proportional attention, log(size) added to the attention logits; "
+        "plain: none).",
         "- **ToMe schedule**: method='bipartite', prop_attn, r tokens merged in every block from 0 (constant r), the "
         "smallest integer r within the budget, so it can land up to one step of r below.",
-        "- **flops= rule**: patch(model, flops=budget) (a fixed rule, no data; + keep_norm: with keep_norm=True). "
+        "- **flops= rule**: patch(model, flops=budget) (a fixed rule, no data; also with keep_norm=False). "
         "**calibrate(flops=)**: "
         f"tm.calibrate(model, calibration images, flops=budget) with {calib_search}, applied with "
         "patch(model, config=plan); calib s is its wall time.",
@@ -724,7 +740,9 @@ def imagenet_main(argv: list[str]) -> list[dict]:
     record = {
         "model": f"{IMAGENET_ARCH} ({_shown(args.model_dir)})",
         "images": _shown(root),
-        "split": "by class index: even = calibration, odd = evaluation (tokenmerge_patch.data.split_by_class)",
+        "split": "by class index: "
+        + ("odd = calibration, even = evaluation" if args.swap_halves else "even = calibration, odd = evaluation")
+        + " (tokenmerge_patch.data.split_by_class)",
         "evaluation_images": files(eval_idx),
         "calibration_images": files(calib_idx),
         "calibrated": calibrated,

@@ -1,8 +1,9 @@
 """Where a reducing block's time goes: the block unpatched vs reducing (merge, drop), and the reduction
 alone, measured side by side; then torch.profiler's top operators of the merge; then, for whole forwards at
 batch 1 (where the patched model trails the token-count oracle most), how its time splits against the oracle:
-the patched model (patch()'s defaults in blocks 3, 6, 9), the same with proportional attention off, and the same
-with the reduction replaced by free slicing (a stand-in that keeps the first tokens and does nothing else).
+the patched model (patch()'s defaults in blocks 3, 6, 9), the same with proportional attention off (keep_norm
+still on), and the same with the reduction replaced by free slicing (a stand-in that keeps the first tokens and
+does nothing else).
 
     python benchmarks/profile_reduction.py                    # DeiT-S block 3, batch 16, 2 threads
     python benchmarks/profile_reduction.py --model deit_tiny_patch16_224 --batch-size 64
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> str:
     def reduction(method: str) -> Variant:
         return Variant(
             lambda: None,
-            lambda: reduce_tokens(x, q, k, attn.scale, num_prefix=1, keep_rate=args.keep_rate, method=method),
+            lambda: reduce_tokens(x, q, k, attn.scale, num_prefix=1, keep_rate=args.keep_rate, **defaults(method)),
         )
 
     def whole_block(method: str | None) -> Variant:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> str:
     ]
     with torch.inference_mode(), torch.profiler.profile() as profiler:
         for _ in range(10):
-            reduce_tokens(x, q, k, attn.scale, num_prefix=1, keep_rate=args.keep_rate)
+            reduce_tokens(x, q, k, attn.scale, num_prefix=1, keep_rate=args.keep_rate, **defaults("merge"))
     ops = profiler.key_averages()
     total = sum(op.self_cpu_time_total for op in ops)
     top = sorted(ops, key=lambda op: op.self_cpu_time_total, reverse=True)[:8]
@@ -114,30 +115,30 @@ def main(argv: list[str] | None = None) -> str:
     return text
 
 
+def defaults(method: str) -> dict:
+    """The reduction options ``patch()`` uses for ``method`` by default (the merge keeps norms), so the reduction
+    timed alone is the one the patched block runs."""
+    return {"method": method, "keep_norm": method == "merge"}
+
+
 def slicing_stand_in(
-    x: Tensor,
-    q: Tensor,
-    k: Tensor,
-    scale: float,
-    *,
-    num_prefix: int,
-    keep_rate: float,
-    sizes: Tensor | None = None,
-    **options: object,
+    x: Tensor, *scoring: object, num_prefix: int, keep_rate: float, sizes: Tensor | None = None, **options: object
 ) -> Reduced:
-    """What the oracle does in a reducing block: keep the first tokens (as many as the merge keeps), nothing else."""
+    """What the oracle does in a reducing block: keep the first tokens (as many as the merge keeps), nothing else
+    (``reduce_tokens``'s call, whose queries, keys, scale and options it ignores)."""
     keep = num_prefix + kept_count(x.shape[1] - num_prefix, keep_rate)
     sizes = x.new_ones(x.shape[:2]) if sizes is None else sizes
     return Reduced(x[:, :keep], sizes[:, :keep], None, torch.arange(keep - num_prefix).expand(len(x), -1))
 
 
 def batch_one_gap(model: torch.nn.Module, rounds: int) -> str:
-    """Whole forwards at batch 1, interleaved: the oracle, the patched model, without proportional attention, and
-    with the reduction replaced by :func:`slicing_stand_in`; each one's time over the oracle's (median per round)."""
+    """Whole forwards at batch 1, interleaved: the oracle, the patched model, without proportional attention (the
+    norm-keeping merge still on), and with the reduction replaced by :func:`slicing_stand_in`; each one's time over
+    the oracle's (median per round)."""
     image = torch.randn(1, *find_backend(model).input_size(model))
     tm.unpatch(model)
     patched = tm.patch(copy.deepcopy(model), layers=(3, 6, 9))
-    plain = tm.patch(copy.deepcopy(model), layers=(3, 6, 9), prop_attn=False)
+    plain = tm.patch(copy.deepcopy(model), layers=(3, 6, 9), prop_attn=False, keep_norm=True)
     oracle = TokenCountOracle(model, tm.token_counts(patched, image)).eval()
 
     def forward(net: torch.nn.Module, reduction: Callable[..., Reduced]) -> Variant:
@@ -146,7 +147,7 @@ def batch_one_gap(model: torch.nn.Module, rounds: int) -> str:
     variants = {
         "token-count oracle": forward(oracle, reduce_tokens),
         "patched (merge 0.7 in blocks 3, 6, 9)": forward(patched, reduce_tokens),
-        "patched, prop_attn=False": forward(plain, reduce_tokens),
+        "patched, prop_attn=False (keep_norm on)": forward(plain, reduce_tokens),
         "patched, reduction replaced by slicing": forward(patched, slicing_stand_in),
     }
     try:

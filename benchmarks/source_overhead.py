@@ -66,7 +66,14 @@ def main(argv: list[str] | None = None) -> str:
         return Variant(
             lambda: None,
             lambda: reduce_tokens(
-                x, q, k, attn.scale, num_prefix=num_prefix, keep_rate=args.keep_rate, trace_source=trace_source
+                x,
+                q,
+                k,
+                attn.scale,
+                num_prefix=num_prefix,
+                keep_rate=args.keep_rate,
+                keep_norm=state.config.keep_norm,  # the patched model's own options
+                trace_source=trace_source,
             ),
         )
 

@@ -55,6 +55,9 @@ def test_output_names(tmp_path: Path) -> None:
     for other in (["--eval-images", "50"], ["--budgets", "0.5"], ["--methods", "paper"], ["--calib-block-runs", "9"]):
         assert accuracy.parse_imagenet_args([*where, *other]).stem == "accuracy_imagenet_quick"
     assert accuracy.parse_imagenet_args([*where, "--stem", "mine"]).plans_stem == "mine_plans"
+    swapped = accuracy.parse_imagenet_args([*where, "--swap-halves"])  # the other fold: its own committed names
+    assert (swapped.stem, swapped.plans_stem) == ("accuracy_imagenet_swapped", "accuracy_imagenet_swapped_plans")
+    assert accuracy.parse_imagenet_args([*where, "--swap-halves", "--quick"]).stem == "accuracy_imagenet_swapped_quick"
     with pytest.raises(SystemExit):
         accuracy.parse_imagenet_args([*where, "--methods", "paper,nonsense"])
     with pytest.raises(SystemExit):
@@ -65,7 +68,7 @@ def test_output_names(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_run_on_a_tiny_subset(tmp_path: Path) -> None:
     before = snapshot(RESULTS)
-    methods = "paper,default,tome,rule" + (",calibrated" if hasattr(tm, "calibrate") else "")
+    methods = "paper,nonorm,default,tome,rule_nonorm,rule" + (",calibrated" if hasattr(tm, "calibrate") else "")
     args = ["--imagenet", "--quick", "--eval-images", "6", "--calib-images", "4", "--budgets", "0.65"]
     args += ["--methods", methods, "--calib-block-runs", "24", "--workers", "0", "--batch-size", "6"]
     rows = load_accuracy().main([*args, "--out", str(tmp_path)])
@@ -76,14 +79,20 @@ def test_quick_run_on_a_tiny_subset(tmp_path: Path) -> None:
     base = rows[0]
     assert base["images"] == 6 and base["agree %"] == 100 and base["FLOPs"] == 1 and round(base["GFLOPs"], 2) == 1.26
     by_key = {row["key"]: row for row in rows}
-    for key in ("paper", "rule", "calibrated"):
+    for key in ("paper", "rule", "rule_nonorm", "calibrated"):
         if key in by_key:
             assert 0.64 <= by_key[key]["FLOPs"] <= 0.65, key
     paper, default = by_key["paper"], by_key["default"]
     assert paper["layers"] == default["layers"] == "3,6,9" and paper["keep rates"] == default["keep rates"]
-    assert (paper["size_weighted"], paper["prop_attn"], paper["flags"]) == (False, False, "plain")
+    assert (paper["size_weighted"], paper["keep_norm"], paper["prop_attn"], paper["flags"]) == (False,) * 3 + ("plain",)
     defaults = tm.patch_config(tm.patch(timm.create_model("vit_tiny_patch16_224", img_size=32)))
-    assert (default["size_weighted"], default["prop_attn"]) == (defaults.size_weighted, defaults.prop_attn)
+    options = ("size_weighted", "keep_norm", "prop_attn")
+    assert [default[name] for name in options] == [getattr(defaults, name) for name in options]
+    # the keep_norm=False rows: the default's blocks and rate (the rule's plan) with that one option off
+    nonorm, rule, rule_nonorm = by_key["nonorm"], by_key["rule"], by_key["rule_nonorm"]
+    assert (nonorm["keep rates"], nonorm["prop_attn"], nonorm["keep_norm"]) == (default["keep rates"], True, False)
+    assert (rule["keep_norm"], rule_nonorm["keep_norm"]) == (True, False)
+    assert rule_nonorm["keep rates"] == rule["keep rates"] and rule_nonorm["tokens"] == rule["tokens"]
     assert by_key["tome"]["FLOPs"] <= 0.65 and by_key["tome"]["keep rates"].startswith("r=")
     assert by_key["tome"]["layers"] == "0–11"
 

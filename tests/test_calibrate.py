@@ -57,6 +57,15 @@ def test_calibrate_is_deterministic_within_budget_and_leaves_the_model_alone() -
     assert plan.depth == 6 and plan.prop_attn and plan.method == "merge"
 
 
+@pytest.mark.parametrize("keep_norm", [False, True])
+def test_a_given_keep_norm_is_kept(keep_norm: bool) -> None:
+    """keep_norm=None lets the search decide; a value given stays in the plan (e.g. the paper's plain eq. 4)."""
+    plan = tm.calibrate(deep_tiny(), calibration_images(), flops=0.6, keep_norm=keep_norm, **FAST)
+    assert plan.keep_norm is keep_norm
+    plain = tm.calibrate(deep_tiny(), calibration_images(), flops=0.6, prop_attn=False, keep_norm=False, **FAST)
+    assert not plain.prop_attn and not plain.keep_norm
+
+
 def test_a_patched_model_keeps_its_patch() -> None:
     model = tm.patch(deep_tiny(), layers=(2,), keep_rate=0.5)
     model.train()

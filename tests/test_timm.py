@@ -386,10 +386,23 @@ def test_fp16_merge_has_no_nan_when_scores_underflow() -> None:
     q, k = torch.zeros(1, 1, n, 1), torch.zeros(1, 1, n, 1)
     q[0, 0, 0] = 1.0
     k[0, 0, 1:4] = 25.0  # three patches take all the attention; the others' scores flush to zero in fp16
-    half = reduce_tokens(x.half(), q.half(), k.half(), 1.0, num_prefix=1, keep_rate=0.5)
-    full = reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5)
-    assert not half.x.isnan().any()
-    torch.testing.assert_close(half.x.float(), full.x, atol=2e-2, rtol=2e-2)
+    for keep_norm in (False, True):
+        half = reduce_tokens(x.half(), q.half(), k.half(), 1.0, num_prefix=1, keep_rate=0.5, keep_norm=keep_norm)
+        full = reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5, keep_norm=keep_norm)
+        assert not half.x.isnan().any()
+        torch.testing.assert_close(half.x.float(), full.x, atol=2e-2, rtol=2e-2)
+
+
+def test_keep_norm_of_a_cancelling_group_stays_finite_in_fp16() -> None:
+    from tokenmerge_patch.reduce import group_weighted_mean
+
+    # two opposite tokens of equal weight: their mean is zero, and no scale may turn it into inf or NaN
+    tokens = torch.tensor([[[1.0, 2.0], [-1.0, -2.0], [0.5, 0.5]]])
+    group, weights = torch.tensor([[0, 0, 1]]), torch.ones(1, 3)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        out = group_weighted_mean(tokens.to(dtype), weights, group, 2, keep_norm=True)
+        assert out.dtype == dtype and out.isfinite().all()
+        torch.testing.assert_close(out[0, 1].float(), tokens[0, 2])
 
 
 def test_bfloat16_selects_what_float32_selects() -> None:

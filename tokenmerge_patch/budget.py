@@ -9,9 +9,10 @@ The rule (measured on the real ImageNet DeiT-T of ../shared; README):
 - ``r`` is solved so that :func:`~tokenmerge_patch.count_flops` of the patched model at its input size lands in
   ``[f - 0.01, f]`` of the unpatched count.
 
-Many gentle cuts beat a few hard ones (real ImageNet DeiT-T at 65 % of the FLOPs: 79.6 % top-1 and 97.4 %
-agreement with the unpatched predictions, against 78.6 % and 93.0 % for blocks 3, 6, 9 at one keep rate, and 78.4 %
-and 93.4 % for a ToMe schedule; ``python benchmarks/accuracy.py --imagenet``). Block 1's class attention is a poor
+Many gentle cuts beat a few hard ones (real ImageNet DeiT-T at 65 % of the FLOPs, patch()'s default options:
+79.6 % top-1 and 96.2 % agreement with the unpatched predictions, against 79.6 % and 93.8 % for blocks 3, 6, 9 at
+one keep rate, and 78.4 % and 93.4 % for a ToMe schedule; at 50 %: 77.4 / 89.8 against 75.6 / 88.6 and 75.0 / 87.2;
+``python benchmarks/accuracy.py --imagenet``). Block 1's class attention is a poor
 score, and later starts leave too few blocks at low budgets; one share for all beats shares falling with depth,
 which starve the deep blocks at 50 %.
 

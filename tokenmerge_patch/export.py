@@ -51,7 +51,8 @@ def export_onnx(
         example: an input batch ``[B, C, H, W]`` with the model's dtype and device; ``None``: zeros of the size the
             model is built for (timm and Hugging Face models that :func:`~tokenmerge_patch.patch` supports), batch 1.
         dynamic_batch: keep dim 0 of the input (and of every output) symbolic; ``False`` fixes the example's batch.
-        opset: the ONNX opset (``None``: the exporter's default, 18).
+        opset: the ONNX opset (``None``: the exporter's default, 18; ``keep_norm``'s per-group maximum is a
+            ``ScatterElements`` with ``reduction="max"``, which needs 18 or later).
 
     Returns:
         The ``torch.onnx.ONNXProgram`` (already saved to ``path``): ``program.model`` is the ONNX graph, and

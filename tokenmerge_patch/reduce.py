@@ -260,8 +260,10 @@ def group_weighted_mean(
         return merged
     norms = tokens.float().norm(dim=-1)  # [B, M]
     largest = norms.new_zeros(group.shape[0], num_groups).scatter_reduce(1, group, norms, "amax", include_self=False)
-    scale = largest / merged.float().norm(dim=-1).clamp_min(1e-12)
-    return merged * scale.to(merged.dtype).unsqueeze(-1)
+    # in float32: a mean that (nearly) cancels out would overflow a half-precision scale (0 * inf = NaN)
+    merged = merged.float()
+    scale = largest / merged.norm(dim=-1).clamp_min(1e-12)
+    return (merged * scale.unsqueeze(-1)).to(tokens.dtype)
 
 
 @dataclass
@@ -326,7 +328,8 @@ def reduce_tokens(
             its weight is its attention to itself). Off by default: prefix tokens stay untouched.
         size_weighted: for ``"merge"``, weight eq. 4 by score x size instead of score.
         keep_norm: for ``"merge"``, give each merged token the largest norm among its members (eq. 4's direction;
-            see :func:`group_weighted_mean`).
+            see :func:`group_weighted_mean`; with ``merge_into_cls`` the class token too, when it absorbs tokens).
+            Off here; :func:`~tokenmerge_patch.patch` turns it on by default with proportional attention.
         attn_bias: the additive bias ``[B, 1, 1, N]`` the block's attention used (proportional
             attention), so scores match that attention.
         sizes: ``[B, N]`` tokens' sizes so far, ``None`` for all ones.

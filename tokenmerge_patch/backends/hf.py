@@ -375,7 +375,8 @@ class HFBackend:
                 raise ValueError(
                     f"prop_attn needs attn_implementation 'sdpa' or 'eager' (a float attention mask); layer {index} "
                     f"uses {implementation!r}: call model.set_attn_implementation('sdpa') first, or patch with "
-                    "prop_attn=False"
+                    "prop_attn=False (add keep_norm=True to keep the norm-keeping merge, which prop_attn=False turns "
+                    "off with it)"
                 )
             for name in ("q_proj", "k_proj"):
                 check_overridable(getattr(attention, name), f"layer {index}'s {name}", (OutputTap,))
