@@ -91,3 +91,13 @@ def assert_untouched(model: torch.nn.Module, before: tuple) -> None:
     assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
     assert modules == before[1]
     assert config == before[2]
+
+
+def assert_patch_refused(model: torch.nn.Module, error: type[Exception], match: str) -> None:
+    """``tokenmerge_patch.patch(model)`` raises ``error`` matching ``match`` and leaves ``model`` as it was."""
+    from tokenmerge_patch import patch
+
+    before = model_snapshot(model)
+    with pytest.raises(error, match=match):
+        patch(model)
+    assert_untouched(model, before)
