@@ -107,14 +107,16 @@ def reference_reduce(
 def reference_bipartite(
     x: Tensor, sizes: list[float], keys: Tensor, num_prefix: int, r: int
 ) -> tuple[Tensor, list[float]]:
-    """ToMe's bipartite soft matching over the patch tokens: set A = even, B = odd patch tokens; each A token
-    matches its most cosine-similar B token by head-averaged keys; the r best-matched A tokens merge into
-    their match (size-weighted mean). Survivors keep their order."""
+    """ToMe's bipartite soft matching: the whole sequence alternates between sets A (positions 0, 2, 4, ...) and
+    B (1, 3, 5, ...); prefix tokens are never matched. Each A patch token matches its most cosine-similar B
+    patch token by head-averaged keys; the r best-matched ones merge into their match (size-weighted mean).
+    Output, ToMe's order: the prefix, the unmerged A patch tokens, then the B patch tokens (each in input order)."""
     if r <= 0:
         return x, sizes
-    metric = keys.mean(dim=0)[num_prefix:]
+    metric = keys.mean(dim=0)
     n = metric.shape[0]
-    a_tokens, b_tokens = list(range(0, n, 2)), list(range(1, n, 2))
+    a_tokens = [t for t in range(num_prefix, n) if t % 2 == 0]
+    b_tokens = [t for t in range(num_prefix, n) if t % 2 == 1]
     best = {}
     for a in a_tokens:
         sims = [float(F.cosine_similarity(metric[a], metric[b], dim=0)) for b in b_tokens]
@@ -122,13 +124,13 @@ def reference_bipartite(
         best[a] = (sims[j], b_tokens[j])
     ranked = sorted(a_tokens, key=lambda a: -best[a][0])
     merged = set(ranked[:r])
-    groups = {p: [p] for p in range(n) if p not in merged}
+    groups = {t: [t] for t in range(num_prefix, n) if t not in merged}
     for a in merged:
         groups[best[a][1]].append(a)
     rows, out_sizes = [x[i] for i in range(num_prefix)], sizes[:num_prefix]
-    for p in sorted(groups):
-        weights = [sizes[num_prefix + m] for m in groups[p]]
-        rows.append(sum(w * x[num_prefix + m] for w, m in zip(weights, groups[p], strict=True)) / sum(weights))
+    for t in [a for a in a_tokens if a not in merged] + b_tokens:
+        weights = [sizes[m] for m in groups[t]]
+        rows.append(sum(w * x[m] for w, m in zip(weights, groups[t], strict=True)) / sum(weights))
         out_sizes.append(sum(weights))
     return torch.stack(rows), out_sizes
 

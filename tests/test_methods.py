@@ -152,9 +152,12 @@ def test_bipartite_clamps_at_half() -> None:
     out = reduce_tokens(x, q, k, 0.5, num_prefix=1, keep_rate=0.1, method="bipartite", trace_source=True)
     assert out.x.shape[1] == 1 + 10
     assert out.sizes[:, 1:].sum(1).tolist() == [20.0, 20.0]
-    # every B token (odd patch) survives; sources partition the patches
+    # ToMe's sets alternate over the whole sequence: with the class token at 0, A holds the odd patches; all ten
+    # merge, and every B token (even patch) survives in order; sources partition the patches
+    assert out.keep_index.tolist() == [list(range(0, 20, 2))] * 2
     for b in range(2):
         assert set(out.source[b].tolist()) == set(range(1, 11))
+        assert out.source[b, 0::2].tolist() == list(range(1, 11))  # each B patch is its own token
 
 
 @pytest.mark.parametrize("method", ["merge", "drop", "fuse", "bipartite"])

@@ -271,7 +271,8 @@ class Reduced:
     """What :func:`reduce_tokens` returns.
 
     Attributes:
-        x: ``[B, P + K, C]`` prefix tokens, then the kept (merged) patch tokens in spatial order.
+        x: ``[B, P + K, C]`` prefix tokens, then the kept (merged) patch tokens in input order (``"bipartite"``:
+            ToMe's order, the surviving A tokens then the B tokens; see :func:`_bipartite`).
         sizes: ``[B, P + K]`` float: how many original tokens each output token holds.
         source: ``[B, N0]`` long or ``None``: for each original patch, the index into ``x`` of the token
             that holds it, ``-1`` if it was dropped.
@@ -319,8 +320,9 @@ def reduce_tokens(
         keep_rate: fraction of patch tokens kept, in (0, 1].
         method: ``"merge"`` (eq. 4, the paper), ``"drop"`` (keep the crucial tokens only), ``"fuse"``
             (EViT: the rest become one extra token, their score-weighted sum, not renormalised) or
-            ``"bipartite"`` (ToMe: bipartite soft matching on head-averaged keys, size-weighted; at
-            most half the patch tokens are merged, so the keep rate is clamped at ``ceil(N_patch / 2)``).
+            ``"bipartite"`` (ToMe: bipartite soft matching on head-averaged keys, size-weighted, in ToMe's
+            token order; at most half the patch tokens are merged, so the keep rate is clamped at
+            ``ceil(N_patch / 2)``).
         similarity: for ``"merge"``, how a token picks its crucial token: ``"cosine"`` (the paper),
             ``"l1"`` / ``"l2"`` (nearest in that distance), ``"attention"`` (the crucial token it attends
             to most) or ``"random"`` (seeded).
@@ -522,21 +524,34 @@ def _merge(
 
 
 def _bipartite(x: Tensor, k: Tensor, num_prefix: int, merges: int, sizes: Tensor, source: Tensor | None) -> Reduced:
-    """ToMe's bipartite soft matching over the patch tokens: alternate tokens form sets A and B; each A
-    token's most cosine-similar B token (by keys averaged over heads) is its match, and the ``merges``
-    A tokens with the best matches join them, size-weighted. Survivors keep their spatial order."""
+    """ToMe's bipartite soft matching over the patch tokens, in ToMe's token order.
+
+    The sequence alternates between sets A and B (A holds the even positions of the whole sequence, the class
+    token's, so with one prefix token the odd patch tokens); each A token's most cosine-similar B token (by keys
+    averaged over heads) is its match, and the ``merges`` A tokens with the best matches join them, size-weighted.
+    The output is ToMe's: the surviving A tokens, then the B tokens, each set in its input order. The order is
+    what the next block's alternation sees, so it is part of the method (in spatial order every block would split
+    the 14-wide patch grid into the same alternating columns); with it this is ToMe's own result, token for token.
+    """
     batch, num_tokens, _ = x.shape
     num_patches = num_tokens - num_prefix
+    device = x.device
+    first_a = num_prefix % 2  # the patch position of the first A token
+    a_pos = torch.arange(first_a, num_patches, 2, device=device)
+    b_pos = torch.arange(1 - first_a, num_patches, 2, device=device)
+    num_a, num_b = a_pos.shape[0], b_pos.shape[0]
     metric = F.normalize(k.mean(dim=1)[:, num_prefix:].float(), dim=-1)  # [B, n, d]
-    similarity = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, |A|, |B|]
+    similarity = metric.index_select(1, a_pos) @ metric.index_select(1, b_pos).transpose(1, 2)  # [B, |A|, |B|]
     best, match = similarity.max(dim=-1)
-    merged_a = descending_order(best)[:, :merges]  # indices into A
-    survives = torch.ones(batch, num_patches, dtype=torch.bool, device=x.device)
-    survives.scatter_(1, 2 * merged_a, torch.zeros_like(merged_a, dtype=torch.bool))
-    rank = survives.long().cumsum(dim=1) - 1  # output slot of each survivor, in spatial order
-    group = rank.clone()
-    partner = 2 * match.gather(1, merged_a) + 1  # the B token (patch index) each merged A token joins
-    group.scatter_(1, 2 * merged_a, rank.gather(1, partner))
+    order = descending_order(best)
+    merged_a = order[:, :merges]  # indices into A
+    survives = torch.ones(batch, num_a, dtype=torch.bool, device=device)
+    survives = survives.scatter(1, merged_a, torch.zeros_like(merged_a, dtype=torch.bool))
+    num_a_out = num_a - merges
+    b_slot = torch.arange(num_a_out, num_a_out + num_b, device=device).expand(batch, -1)  # B after the A survivors
+    a_slot = torch.where(survives, survives.long().cumsum(dim=1) - 1, b_slot.gather(1, match))
+    group = torch.zeros(batch, num_patches, dtype=torch.long, device=device)
+    group = group.scatter(1, a_pos.expand(batch, -1), a_slot).scatter(1, b_pos.expand(batch, -1), b_slot)
     patch_sizes = sizes[:, num_prefix:]
     num_out = num_patches - merges
     merged = group_weighted_mean(x[:, num_prefix:], patch_sizes, group, num_out)
@@ -544,7 +559,9 @@ def _bipartite(x: Tensor, k: Tensor, num_prefix: int, merges: int, sizes: Tensor
     out_sizes = torch.cat([sizes[:, :num_prefix], group_sum(patch_sizes, group, num_out)], dim=1)
     if source is not None:
         source = move_source(source, num_prefix, num_tokens, None, group + num_prefix)
-    keep_index = descending_order(survives.to(torch.uint8))[:, :num_out]  # survivors first, in order; no host sync
+    # the surviving A tokens in input order (a stable sort puts them first; no host sync), then every B token
+    a_kept = first_a + 2 * descending_order(survives.to(torch.uint8))[:, :num_a_out]
+    keep_index = torch.cat([a_kept, b_pos.expand(batch, -1)], dim=1)
     return Reduced(out, out_sizes, source, keep_index)
 
 
