@@ -11,7 +11,7 @@ The rule (measured on the real ImageNet DeiT-T of ../shared; README):
 
 Many gentle cuts beat a few hard ones (real ImageNet DeiT-T at 65 % of the FLOPs, patch()'s default options:
 79.6 % top-1 and 96.2 % agreement with the unpatched predictions, against 79.6 % and 93.8 % for blocks 3, 6, 9 at
-one keep rate, and 78.4 % and 93.4 % for a ToMe schedule; at 50 %: 77.4 / 89.8 against 75.6 / 88.6 and 75.0 / 87.2;
+one keep rate, and 78.6 % and 92.8 % for ToMe; at 50 %: 77.4 / 89.8 against 75.6 / 88.6 and 77.0 / 88.8;
 ``python benchmarks/accuracy.py --imagenet``). Block 1's class attention is a poor
 score, and later starts leave too few blocks at low budgets; one share for all beats shares falling with depth,
 which starve the deep blocks at 50 %.

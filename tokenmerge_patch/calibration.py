@@ -24,7 +24,7 @@ The search (deterministic; a fixed number of block evaluations, no clock):
 
 Every evaluation reruns only the blocks a candidate changes: the unpatched model's block inputs are cached once,
 and so are the current best plan's (their merge records travel with them), so a candidate that first differs from
-it at block ``j`` runs blocks ``j`` onwards (DeiT-T, 256 images: 62-127 s at 0.5-0.8 of the FLOPs on 2 CPU
+it at block ``j`` runs blocks ``j`` onwards (DeiT-T, 256 images: 55-121 s at 0.5-0.8 of the FLOPs on 2 CPU
 cores, ``python benchmarks/accuracy.py --imagenet``).
 
 >>> import timm, torch, tokenmerge_patch as tm
