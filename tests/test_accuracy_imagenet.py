@@ -118,3 +118,44 @@ def test_quick_run_on_a_tiny_subset(tmp_path: Path) -> None:
         plan = PatchConfig.from_dict(record["calibrated"]["0.65"]["plan"])
         assert record["rows"][-1]["plan"] == plan.to_dict()  # the plan the calibrated row was evaluated with
         assert record["calibrated"]["0.65"]["seconds"] > 0 and by_key["calibrated"]["calib s"] > 0
+
+
+def load_sensitivity():
+    spec = importlib.util.spec_from_file_location("benchmark_sensitivity", BENCHMARKS / "sensitivity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_imagenet
+def test_sensitivity_quick_run(tmp_path: Path) -> None:
+    """benchmarks/sensitivity.py on 8 calibration-half images in two batches: replaying the first reducing block's
+    own scores from a separate unpatched forward gives exactly the patched model's result (so the deeper blocks'
+    rows change only the scores), and nothing committed is touched."""
+    sensitivity = load_sensitivity()
+    assert sensitivity.parse_args([]).stem == "sensitivity"
+    assert sensitivity.parse_args(["--images", "8"]).stem == sensitivity.parse_args(["--quick"]).stem
+    before = snapshot(RESULTS)
+    rows = sensitivity.main(["--quick", "--images", "8", "--batch-size", "4", "--out", str(tmp_path)])
+    assert snapshot(RESULTS) == before
+    assert {p.name for p in tmp_path.iterdir()} == {f"sensitivity_quick.{ext}" for ext in ("csv", "md", "png")}
+
+    single = {row["layers"]: row for row in rows if row["table"] == "one block"}
+    assert set(single) == {"3", "6"} and all(0.6 < row["FLOPs"] < 1 for row in single.values())
+    (schedule,) = [row for row in rows if row["table"] == "schedule"]
+    assert 0.48 <= schedule["FLOPs"] <= 0.5 and schedule["layers"] == "3–11"
+    headroom = [row for row in rows if row["table"] == "headroom"]
+    assert {row["plan"] for row in headroom} == {"block 3 at keep 0.5", "flops=0.5 rule"}
+    for plan in ("block 3 at keep 0.5", "flops=0.5 rule"):
+        by_scores = by_scores_of(headroom, plan)
+        assert set(by_scores) == {"own", "own, replayed", "block 7"}
+        own, replayed = by_scores["own"], by_scores["own, replayed"]
+        assert (replayed["KL"], replayed["agree %"]) == pytest.approx((own["KL"], own["agree %"]), abs=1e-6)
+        assert by_scores["block 7"]["KL"] != pytest.approx(own["KL"], abs=1e-6)
+    assert single["3"]["KL"] == pytest.approx(by_scores_of(headroom, "block 3 at keep 0.5")["own"]["KL"])
+    assert all(row["KL"] >= 0 for row in rows)
+
+
+def by_scores_of(rows: list[dict], plan: str) -> dict[str, dict]:
+    return {row["scores"]: row for row in rows if row["plan"] == plan}
