@@ -1,6 +1,6 @@
 """Where the off-the-shelf loss comes from: the real ImageNet DeiT-T of ../shared against its own predictions.
 
-    python benchmarks/sensitivity.py            # 500 images, about 10 minutes on 2 CPU cores
+    python benchmarks/sensitivity.py            # 500 images, about 8 minutes on 2 CPU cores
     python benchmarks/sensitivity.py --quick    # 24 images, a few rows: writes sensitivity_quick.*
 
 Every row is the mean KL divergence of the patched model's class probabilities from the unpatched model's (and the
@@ -81,7 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in settings.items():
         if key != "images" or args.images is None:
             setattr(args, key, value)
-    args.full = not args.quick and args.images is None
+    # only the default run on the CPU writes the committed names (other images, data or devices give other numbers)
+    defaults = (args.model_dir, args.data, args.device) == (IMAGENET_MODEL, IMAGENET_DIR, "cpu")
+    args.full = not args.quick and args.images is None and defaults
     args.stem = output_stem(args.stem, "sensitivity", full=args.full)
     return args
 
@@ -110,21 +112,29 @@ class ClassRows:
     @contextmanager
     def replayed(self, block: int) -> Iterator[None]:
         """While open, the first reduction of every forward (the one that sees all the tokens) scores by ``block``'s
-        rows, batch after batch in the order they were captured; later reductions score as usual."""
+        rows, batch after batch in the order they were captured; later reductions score as usual. The forwards
+        must be exactly the captured batches, in order: a batch of another size, or fewer or more of them, is an
+        error rather than a misaligned replay."""
         reduce = sys.modules["tokenmerge_patch.reduce"]
-        original, batches = reduce.class_attention, iter(self.rows[block])
-        full = self.rows[block][0].shape[1]
+        original, rows = reduce.class_attention, self.rows[block]
+        full, used = rows[0].shape[1], 0
 
         def replay(q: Tensor, k: Tensor, scale: float, attn_bias: Tensor | None = None) -> Tensor:
+            nonlocal used
             if k.shape[2] != full:
                 return original(q, k, scale, attn_bias)
-            return next(batches)
+            if used == len(rows) or rows[used].shape[0] != k.shape[0]:
+                raise RuntimeError(f"replay of block {block}'s scores: forward {used + 1} does not match the capture")
+            used += 1
+            return rows[used - 1].to(k.device)
 
         reduce.class_attention = replay
         try:
             yield
         finally:
             reduce.class_attention = original
+        if used != len(rows):
+            raise RuntimeError(f"replay of block {block}'s scores: {used} of {len(rows)} captured batches were used")
 
 
 class Runner:
@@ -213,15 +223,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 shape = partial(shaped_rates, depth, start, slope=slope, last_one=True)
                 rates = solve_scalar(shape, runner.estimate, aim, 0.0, 1.0)
                 if rates is None:
+                    tqdm.write(f"schedule   {budget:g}: from block {start}, slope {slope:g}: cannot reach the budget")
                     continue
                 layers = [i for i, rate in enumerate(rates) if rate < 1.0]
-                run("schedule", f"{budget:g}: from block {start}, slope {slope:g}", layers, [rates[i] for i in layers])
+                plan = f"{budget:g}: from block {start}, slope {slope:g}"
+                row = run("schedule", plan, layers, [rates[i] for i in layers])
+                row.update(budget=budget, start=start, slope=slope)
         tm.unpatch(model)
         config = tm.patch_config(tm.patch(model.cpu(), flops=budget))
         plans[f"flops={budget:g} rule"] = (list(config.layers), list(config.keep_rates))
 
     # 3. selection headroom, at the rule's first reducing block
     first = rule_start(depth)
+    assert all(layers[0] == first for layers, _ in plans.values()), "the rule starts at rule_start(depth)"
     rules = {f"block {first} at keep {rate}": ([first], [rate]) for rate in args.rates} | plans
     replay = ClassRows(model.cpu(), images, [first, *args.sources], args.batch_size)
     for name, (layers, rates) in rules.items():
@@ -279,17 +293,12 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].set(xlabel="the only reducing block", ylabel="KL to the unpatched model", yscale="log")
     axes[0].set_title("one block at a time: early blocks cost most", fontsize=10)
     schedules = [r for r in rows if r["table"] == "schedule"]
-    for i, group in enumerate(dict.fromkeys(r["plan"].split(" from")[0] + r["plan"].split(",")[1] for r in schedules)):
-        budget, slope = group.split(":")[0], group.split("slope ")[1]
-        points = [
-            (int(r["plan"].split("block ")[1].split(",")[0]), r["KL"])
-            for r in schedules
-            if r["plan"].startswith(f"{budget}:") and r["plan"].endswith(f"slope {slope}")
-        ]
-        label = f"{budget} FLOPs, slope {slope}"
+    for i, (budget, slope) in enumerate(dict.fromkeys((r["budget"], r["slope"]) for r in schedules)):
+        points = [(r["start"], r["KL"]) for r in schedules if (r["budget"], r["slope"]) == (budget, slope)]
+        label = f"{budget:g} FLOPs, slope {slope:g}"
         axes[1].plot(*zip(*points, strict=True), marker="os"[i % 2], color=f"C{i}", label=label)
     axes[0].set_xticks(sorted({int(r["layers"]) for r in single}))
-    axes[1].set_xticks(sorted({int(r["layers"].split("–")[0]) for r in schedules}))
+    axes[1].set_xticks(sorted({r["start"] for r in schedules}))
     axes[1].set(xlabel="first reducing block", ylabel="KL to the unpatched model", yscale="log")
     axes[1].set_title("schedules solved to the budget", fontsize=10)
     for axis in axes:

@@ -27,12 +27,17 @@ needs_imagenet = pytest.mark.skipif(
 )
 
 
-def load_accuracy():
-    spec = importlib.util.spec_from_file_location("benchmark_accuracy_imagenet", BENCHMARKS / "accuracy.py")
+def load_benchmark(name: str):
+    """The script ``benchmarks/{name}.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}_imagenet", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_accuracy():
+    return load_benchmark("accuracy")
 
 
 def snapshot(folder: Path) -> dict[str, int]:
@@ -120,20 +125,12 @@ def test_quick_run_on_a_tiny_subset(tmp_path: Path) -> None:
         assert record["calibrated"]["0.65"]["seconds"] > 0 and by_key["calibrated"]["calib s"] > 0
 
 
-def load_sensitivity():
-    spec = importlib.util.spec_from_file_location("benchmark_sensitivity", BENCHMARKS / "sensitivity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @needs_imagenet
 def test_sensitivity_quick_run(tmp_path: Path) -> None:
     """benchmarks/sensitivity.py on 8 calibration-half images in two batches: replaying the first reducing block's
     own scores from a separate unpatched forward gives exactly the patched model's result (so the deeper blocks'
     rows change only the scores), and nothing committed is touched."""
-    sensitivity = load_sensitivity()
+    sensitivity = load_benchmark("sensitivity")
     assert sensitivity.parse_args([]).stem == "sensitivity"
     assert sensitivity.parse_args(["--images", "8"]).stem == sensitivity.parse_args(["--quick"]).stem
     before = snapshot(RESULTS)

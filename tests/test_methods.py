@@ -102,6 +102,25 @@ def test_prop_attn_passes_a_float_mask_to_sdpa(images: torch.Tensor) -> None:
     assert all(block.attn.fused_attn for block in model.blocks)
 
 
+@pytest.mark.parametrize(("num_prefix", "num_patches"), [(1, 20), (1, 21), (2, 20), (2, 21)])
+def test_bipartite_keep_index_is_the_output_order(num_prefix: int, num_patches: int) -> None:
+    """After a partial bipartite merge, output patch token j holds input patch keep_index[j] (its survivor): the
+    order RoPE positions follow. A alternates with the whole sequence: patch p is in A when p + num_prefix is even."""
+    torch.manual_seed(num_prefix + num_patches)
+    n = num_prefix + num_patches
+    x, q, k = torch.randn(2, n, 4), torch.randn(2, 2, n, 3), torch.randn(2, 2, n, 3)
+    out = reduce_tokens(x, q, k, 0.5, num_prefix=num_prefix, keep_rate=0.75, method="bipartite", trace_source=True)
+    kept = out.x.shape[1] - num_prefix
+    assert 0 < num_patches - kept < num_patches // 2  # some A tokens merged, some survived
+    landing = out.source.gather(1, out.keep_index)  # where each survivor's own patch landed
+    assert landing.tolist() == [list(range(num_prefix, num_prefix + kept))] * 2
+    for row in out.keep_index.tolist():
+        a_part = [p for p in row if (p + num_prefix) % 2 == 0]
+        b_part = [p for p in row if (p + num_prefix) % 2 == 1]
+        assert row == a_part + b_part and a_part == sorted(a_part)
+        assert b_part == list(range(1 - num_prefix % 2, num_patches, 2))  # every B token survives, in order
+
+
 @pytest.mark.parametrize("method", ["merge", "drop", "fuse", "bipartite"])
 @pytest.mark.parametrize("keep_rate", [0.9, 0.5, 0.2])
 def test_token_counts_per_method(method: str, keep_rate: float) -> None:

@@ -276,7 +276,8 @@ class Reduced:
         sizes: ``[B, P + K]`` float: how many original tokens each output token holds.
         source: ``[B, N0]`` long or ``None``: for each original patch, the index into ``x`` of the token
             that holds it, ``-1`` if it was dropped.
-        keep_index: ``[B, K]`` which input patch tokens were crucial (indices among the patch tokens).
+        keep_index: ``[B, K]`` which input patch tokens survive (indices among the patch tokens), in output order
+            (merge, drop: the crucial tokens; bipartite: the unmerged A tokens, then the B tokens).
         positions: ``[B, K]`` (``[B, K + 1]`` for ``"fuse"``) long or ``None``: each output patch token's row of
             the rotary position table (see :func:`move_positions`); ``None`` when nothing was reduced and no
             positions were given (every patch token still at its own row).
@@ -531,7 +532,7 @@ def _bipartite(x: Tensor, k: Tensor, num_prefix: int, merges: int, sizes: Tensor
     averaged over heads) is its match, and the ``merges`` A tokens with the best matches join them, size-weighted.
     The output is ToMe's: the surviving A tokens, then the B tokens, each set in its input order. The order is
     what the next block's alternation sees, so it is part of the method (in spatial order every block would split
-    the 14-wide patch grid into the same alternating columns); with it this is ToMe's own result, token for token.
+    the 14-wide patch grid into the same alternating columns).
     """
     batch, num_tokens, _ = x.shape
     num_patches = num_tokens - num_prefix
@@ -559,8 +560,8 @@ def _bipartite(x: Tensor, k: Tensor, num_prefix: int, merges: int, sizes: Tensor
     out_sizes = torch.cat([sizes[:, :num_prefix], group_sum(patch_sizes, group, num_out)], dim=1)
     if source is not None:
         source = move_source(source, num_prefix, num_tokens, None, group + num_prefix)
-    # the surviving A tokens in input order (a stable sort puts them first; no host sync), then every B token
-    a_kept = first_a + 2 * descending_order(survives.to(torch.uint8))[:, :num_a_out]
+    # the surviving A tokens in input order (distinct indices: any sort), then every B token
+    a_kept = first_a + 2 * order[:, merges:].sort(dim=1).values
     keep_index = torch.cat([a_kept, b_pos.expand(batch, -1)], dim=1)
     return Reduced(out, out_sizes, source, keep_index)
 
