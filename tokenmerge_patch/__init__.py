@@ -16,6 +16,7 @@ from .dense import unmerge
 from .export import export_onnx
 from .finetune import EpochStats, StepInfo, finetune
 from .flops import FlopReport, count_flops
+from .model_info import ModelInfo, describe
 from .patch import (
     LayerRecord,
     PatchConfig,
@@ -30,22 +31,28 @@ from .patch import (
 from .reduce import kept_count, reduce_tokens
 from .schedule import default_layers
 from .vis import show_merges
+from .vlm import count_vlm_flops, llm_prefill_flops, patch_processor, unpatch_processor, visual_token_count
 
 __all__ = [
     "EpochStats",
     "FlopReport",
     "LayerRecord",
+    "ModelInfo",
     "PatchConfig",
     "StepInfo",
     "calibrate",
     "count_flops",
+    "count_vlm_flops",
     "default_layers",
+    "describe",
     "export_onnx",
     "finetune",
     "is_patched",
     "kept_count",
+    "llm_prefill_flops",
     "patch",
     "patch_config",
+    "patch_processor",
     "reduce_tokens",
     "reduction_trace",
     "set_keep_rate",
@@ -53,5 +60,7 @@ __all__ = [
     "token_counts",
     "unmerge",
     "unpatch",
+    "unpatch_processor",
+    "visual_token_count",
 ]
 __version__ = "0.1.0"

@@ -33,13 +33,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .backends import find_backend
 from .flops import _linear_macs, count_flops
 from .plan import PatchConfig
 from .reduce import reduced_patch_count
+
+if TYPE_CHECKING:
+    from .model_info import ModelInfo
 
 TOLERANCE = 0.01  # the patched count must land in [f - TOLERANCE, f]
 
@@ -75,30 +78,30 @@ class FlopModel:
     num_tokens: int
     num_prefix: int
 
-    def __call__(self, counts: Sequence[tuple[int, int]], method: str = "merge") -> float:
+    def __call__(self, counts: Sequence[tuple[int, int]], method: str = "merge", score: str = "cls") -> float:
         total = float(self.outside)
         for (n_in, n_out), (attention, width, mlp, channels, scale) in zip(counts, self.blocks, strict=True):
             total += scale * (attention * n_in + 2 * width * n_in * n_in + mlp * n_out)
-            if n_out < n_in:  # the reduction's own matmuls: the class row and the merge's similarities (the rest
-                # is checked by count_flops and corrected)
+            if n_out < n_in:  # the reduction's own matmuls: the score (the class row, or the whole attention matrix
+                # for the received score) and the merge's similarities (the rest is checked by count_flops)
                 patches, kept = n_in - self.num_prefix, n_out - self.num_prefix
-                total += n_in * width + (method == "merge") * (patches - kept) * kept * channels
+                scoring = 0 if method == "bipartite" else n_in * width * (1 if score == "cls" else n_in)
+                total += scoring + (method == "merge") * (patches - kept) * kept * channels
         return total
 
 
-def flop_model(model: nn.Module, input_size: Sequence[int], num_prefix: int) -> FlopModel:
-    """Fit :class:`FlopModel` to one ``count_flops`` of the (unpatched) ``model``."""
-    backend = find_backend(model)
-    report = count_flops(model, input_size)
+def flop_model(info: ModelInfo) -> FlopModel:
+    """Fit :class:`FlopModel` to one ``count_flops`` of the (unpatched) model ``info`` describes, at its input size."""
+    report = count_flops(info.model, info.input_size)
     blocks = []
-    for block, counted in zip(backend.blocks(model), report.blocks, strict=True):
-        attention, mlp, width = backend.block_parts(block)
+    for block, counted in zip(info.backend.blocks(info.model), report.blocks, strict=True):
+        attention, mlp, width = info.backend.block_parts(block)
         attention_macs, mlp_macs = _linear_macs(attention), _linear_macs(mlp)
         channels = [m for m in mlp.modules() if isinstance(m, nn.Linear)][-1].out_features
         n = counted.tokens_in
         analytic = attention_macs * n + 2 * width * n * n + mlp_macs * counted.tokens_out
         blocks.append((attention_macs, width, mlp_macs, channels, counted.flops / analytic if analytic else 1.0))
-    return FlopModel(report.total, report.outside_blocks, blocks, report.blocks[0].tokens_in, num_prefix)
+    return FlopModel(report.total, report.outside_blocks, blocks, report.blocks[0].tokens_in, info.num_prefix)
 
 
 def geometric_counts(num_patches: int, steps: int, rate: float) -> list[int]:
@@ -125,15 +128,20 @@ def keep_rates_for_counts(num_patches: int, counts: Sequence[int]) -> tuple[floa
     return tuple(after / previous for previous, after in zip(before, counts, strict=True))
 
 
-def fill_to(counts: list[int], estimate: Callable[[list[int]], float], aim: float) -> list[int]:
+def fill_to(counts: list[int], estimate: Callable[[list[int]], float], aim: float, limit: int) -> list[int]:
     """Add tokens one block at a time, deepest first (the cheapest and least harmful), while the estimate stays at
-    or below ``aim``: closes the gap a geometric schedule's rounding leaves."""
+    or below ``aim``: closes the gap a geometric schedule's rounding leaves. No block keeps more than the block
+    before it, nor the first more than ``limit`` (the patch tokens it gets), so this ends.
+
+    >>> fill_to([3, 2], lambda counts: sum(counts), aim=9, limit=4)
+    [4, 4]
+    """
     counts = list(counts)
     changed = True
     while changed:
         changed = False
         for index in reversed(range(len(counts))):
-            if index > 0 and counts[index] >= counts[index - 1]:
+            if counts[index] >= (counts[index - 1] if index > 0 else limit):
                 continue  # counts never grow along the blocks
             counts[index] += 1
             if estimate(counts) <= aim:
@@ -143,71 +151,147 @@ def fill_to(counts: list[int], estimate: Callable[[list[int]], float], aim: floa
     return counts
 
 
-def solve_rate(estimate: Callable[[float], float], target: float) -> float:
+def solve_rate(estimate: Callable[[float], float], target: float) -> float | None:
     """The largest keep rate whose estimated FLOPs fraction is at most ``target`` (bisection; FLOPs grow with
-    the rate). ``ValueError`` if even the smallest rate stays above ``target``."""
+    the rate); ``None`` if even the smallest rate stays above ``target``."""
     low, high = 1e-3, 1.0
     if estimate(low) > target:
-        raise ValueError(f"the budget is below what this rule can reach ({estimate(low):.3f} of the FLOPs)")
+        return None
+    if estimate(high) <= target:
+        return high
     for _ in range(40):
         middle = (low + high) / 2
         low, high = (middle, high) if estimate(middle) <= target else (low, middle)
     return low
 
 
+class Rule:
+    """The rule's plans for one model, as patch-token counts of its reducing blocks (``rates`` turns them into keep
+    rates): every block from :func:`rule_start` on keeps the same share of its patch tokens; with a class-token head
+    the last block keeps one (its patch tokens feed nothing), unless the budget is so close to 1 that even keeping
+    every other token would not reach it."""
+
+    def __init__(self, flops: FlopModel, depth: int, method: str, last_one: bool, score: str = "cls") -> None:
+        self.flops, self.depth, self.method, self.last_one, self.score = flops, depth, method, last_one, score
+        self.layers = tuple(range(rule_start(depth), depth))
+        self.patches = flops.num_tokens - flops.num_prefix
+
+    def rates(self, counts: Sequence[int]) -> tuple[float, ...]:
+        return keep_rates_for_counts(self.patches, counts)
+
+    def estimate(self, counts: Sequence[int]) -> float:
+        blocks = token_counts_for(
+            self.flops.num_tokens, self.flops.num_prefix, self.depth, self.layers, self.rates(counts), self.method
+        )
+        return self.flops(blocks, self.method, self.score) / self.flops.total
+
+    def smallest(self) -> list[int]:
+        """The cheapest plan: one patch token left by the first reducing block."""
+        return [1] * len(self.layers)
+
+    def plan(self, aim: float) -> list[int] | None:
+        """Counts whose estimated FLOPs fraction is at most, and close to, ``aim``; ``None`` if even the smallest plan
+        is above it."""
+        for last_one in (True, False) if self.last_one else (False,):
+            steps = len(self.layers) - last_one
+
+            def estimate(counts: Sequence[int], last_one: bool = last_one) -> float:
+                return self.estimate([*counts, 1] if last_one else counts)
+
+            if last_one and estimate([self.patches] * steps) < aim - TOLERANCE / 2:
+                continue  # the budget is above what keeping one token in the last block allows
+            rate = solve_rate(lambda r, steps=steps, e=estimate: e(geometric_counts(self.patches, steps, r)), aim)
+            if rate is None:
+                return None
+            counts = fill_to(geometric_counts(self.patches, steps, rate), estimate, aim, self.patches)
+            return [*counts, 1] if last_one else counts
+        return None
+
+    def neighbours(self, counts: Sequence[int]) -> list[list[int]]:
+        """Plans one token away in one block, or one token more in one block and one fewer in another: the finest
+        moves there are (an exchange between two blocks costs the difference of their per-token FLOPs)."""
+
+        def valid(c: list[int]) -> bool:
+            return all(1 <= after <= before for before, after in zip([self.patches, *c[:-1]], c, strict=True))
+
+        moves = [[0] * len(counts)]
+        for i in range(len(counts)):
+            for step in (1, -1):
+                moves.append([step * (k == i) for k in range(len(counts))])
+                for j in range(len(counts)):
+                    if j != i:
+                        moves.append([step * (k == i) - step * (k == j) for k in range(len(counts))])
+        out = [[c + m for c, m in zip(counts, move, strict=True)] for move in moves[1:]]
+        return [c for c in out if valid(c)]
+
+
+TINY_RATE = 1e-3  # a keep rate that leaves one patch token
+
+
 def rule_keep_rates(
-    flops: FlopModel, depth: int, method: str, last_one: bool, aim: float
+    flops: FlopModel, depth: int, method: str, last_one: bool, aim: float, score: str = "cls"
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """The rule's reducing blocks and keep rates whose estimated FLOPs fraction is at most (and close to) ``aim``;
     ``ValueError`` if even one token per block stays above it."""
-    layers = tuple(range(rule_start(depth), depth))
-    patches, steps = flops.num_tokens - flops.num_prefix, len(layers) - last_one
-
-    def rates_for(counts: list[int]) -> tuple[float, ...]:
-        return keep_rates_for_counts(patches, [*counts, 1] if last_one else counts)
-
-    def estimate(counts: list[int]) -> float:
-        blocks = token_counts_for(flops.num_tokens, flops.num_prefix, depth, layers, rates_for(counts), method)
-        return flops(blocks, method) / flops.total
-
-    try:
-        rate = solve_rate(lambda r: estimate(geometric_counts(patches, steps, r)), aim)
-    except ValueError:
-        raise ValueError(
-            f"flops={aim:.3f} is below what method={method!r} can reach by reducing blocks {layers[0]}-{layers[-1]} "
-            "of this model; choose a larger budget"
-        ) from None
-    return layers, rates_for(fill_to(geometric_counts(patches, steps, rate), estimate, aim))
+    rule = Rule(flops, depth, method, last_one, score)
+    counts = rule.plan(aim)
+    if counts is None:
+        raise ValueError(f"the budget is below what the rule can reach by reducing blocks {rule.layers[0]}-{depth - 1}")
+    return rule.layers, rule.rates(counts)
 
 
-def budget_plan(model: nn.Module, fraction: float, base: PatchConfig) -> PatchConfig:
-    """The plan the rule gives ``model`` for a FLOPs ``fraction`` with ``base``'s method and options.
+def budget_plan(info: ModelInfo, fraction: float, base: PatchConfig) -> PatchConfig:
+    """The plan the rule gives the model ``info`` describes for a FLOPs ``fraction`` (counted at ``info.input_size``)
+    with ``base``'s method and options.
 
-    ``model`` is patched with trial plans while this runs (``patch`` restores what it had); the caller installs
-    the plan returned. ``ValueError`` if the budget cannot be met.
+    The model is patched with trial plans while this runs (``patch`` restores what it had); the caller installs the
+    plan returned. ``ValueError`` naming the budgets that can be reached if ``fraction`` cannot be met.
     """
     from .patch import _install, unpatch  # patch imports this module lazily
 
-    backend = find_backend(model)
-    depth = len(backend.blocks(model))
+    model, backend = info.model, info.backend
     unpatch(model)
-    num_prefix = backend.check(model, replace(base, layers=(0,), keep_rates=(1.0,)))
-    input_size = backend.input_size(model)
-    flops = flop_model(model, input_size, num_prefix)
-    last_one = backend.class_token_head(model)  # the last block keeps one token (free with a class-token head)
-    aim = fraction - TOLERANCE / 2
-    measured = 1.0
-    for _ in range(4):
-        layers, rates = rule_keep_rates(flops, depth, base.method, last_one, aim)
-        plan = replace(base, layers=layers, keep_rates=rates, depth=depth)
+    flops = flop_model(info)
+    rule = Rule(flops, info.depth, base.method, info.class_token_head, base.score)
+
+    def measure(counts: Sequence[int]) -> tuple[PatchConfig, float]:
+        plan = replace(base, layers=rule.layers, keep_rates=rule.rates(counts), depth=info.depth)
         _install(model, backend, plan, backend.check(model, plan))
-        measured = count_flops(model, input_size).total / flops.total
-        if fraction - TOLERANCE <= measured <= fraction:
+        return plan, count_flops(model, info.input_size).total / flops.total
+
+    low, centre = fraction - TOLERANCE, fraction - TOLERANCE / 2
+    aim, tried = centre, {}
+    counts = rule.plan(aim)
+    for attempt in range(10):
+        if counts is None or tuple(counts) in tried:
+            break
+        plan, measured = measure(counts)
+        if low <= measured <= fraction:
             return plan
-        aim -= measured - (fraction - TOLERANCE / 2)  # correct the estimate by what it missed
+        tried[tuple(counts)] = measured
+        if attempt < 3:  # correct the estimate by what it missed and solve again
+            aim -= measured - centre
+            counts = rule.plan(aim)
+            continue
+        # then the finest moves around the nearest plan, by the estimate corrected by what it missed there
+        nearest = min(tried, key=lambda c: abs(tried[c] - centre))
+        offset = tried[nearest] - rule.estimate(nearest)
+        options = [c for c in rule.neighbours(nearest) if tuple(c) not in tried]
+        counts = min(options, key=lambda c: abs(rule.estimate(c) + offset - centre), default=None)
+    _, smallest = measure(rule.smallest())
+    where = f"for this model at input size {info.input_size}"
+    if low < smallest or not tried:
+        raise ValueError(
+            f"flops={fraction} is below the smallest budget the rule reaches {where} ({smallest:.3f} of the FLOPs: "
+            f"blocks {rule.layers[0]}-{info.depth - 1} keeping one patch token); choose flops >= {smallest + 0.01:.2f}"
+        )
+    below = max((m for m in tried.values() if m < low), default=None)
+    above = min((m for m in tried.values() if m > fraction), default=None)
+    near = " and ".join(f"{m:.4f}" for m in (below, above) if m is not None)
     raise ValueError(
-        f"flops={fraction}: could not land in [{fraction - TOLERANCE:.3f}, {fraction:.3f}] of the FLOPs "
-        f"(last plan: {measured:.3f}); try another budget"
+        f"flops={fraction}: the rule could not land in [{low:.3f}, {fraction:.3f}] of the FLOPs {where} (its token "
+        f"counts are too coarse here; the nearest plans count {near}); budgets from {smallest:.3f} up are reachable "
+        "where the counts allow: try a budget a little larger or smaller"
     )
 
 

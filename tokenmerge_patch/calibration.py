@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .backends import find_backend, image_model
-from .budget import TOLERANCE, FlopModel, flop_model, rule_keep_rates, token_counts_for
+from .budget import TOLERANCE, FlopModel, budget_plan, flop_model, rule_keep_rates, token_counts_for
 from .evaluation import parse_batch
 from .flops import count_flops
+from .model_info import ModelInfo, describe
 from .plan import PatchConfig, check_fraction
 from .utils import eval_mode
 
@@ -131,13 +131,14 @@ def solve_scalar(make: Callable[[float], tuple[float, ...]], fraction: Callable,
 class _Runner:
     """Evaluates candidates on the calibration images, rerunning only the blocks a candidate changes."""
 
-    def __init__(self, model: nn.Module, images: Tensor, batch_size: int, base: PatchConfig, progress: bool) -> None:
+    def __init__(self, info: ModelInfo, images: Tensor, batch_size: int, base: PatchConfig, progress: bool) -> None:
         from .patch import _install, unpatch
 
+        model = info.model
         self.model, self.base = model, base
-        self.backend = find_backend(model)
+        self.backend = info.backend
         self.blocks = list(self.backend.blocks(model))
-        self.run_images = image_model(model)  # a CLIPModel: its image features
+        self.run_images = info.images  # a CLIPModel: its image features
         self._install, self._unpatch = _install, unpatch
         self.chunks = list(images.split(batch_size))
         # every 4th image is held out of the search: it only decides whether the search's moves beat its start
@@ -264,9 +265,11 @@ def _has_logits(output: object) -> bool:
     return isinstance(output, (Tensor, tuple, list)) or isinstance(getattr(output, "logits", None), Tensor)
 
 
-def collect_images(data: object, limit: int, input_size: Sequence[int]) -> Tensor:
+def collect_images(data: object, limit: int, channels: int) -> Tensor:
     """The first ``limit`` images of ``data`` (a tensor ``[N, C, H, W]``, or an iterable of such batches or of
-    ``(images, labels)``/dict batches, labels ignored) as one float tensor; clear errors for anything else."""
+    ``(images, labels)``/dict batches, labels ignored) as one float tensor; clear errors for anything else: images
+    that are not float ``[N, channels, H, W]``, batches of different sizes, non-finite values (naming the batch and
+    the image)."""
     if isinstance(data, Tensor):
         batches: Iterable = [data]
     elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
@@ -278,23 +281,33 @@ def collect_images(data: object, limit: int, input_size: Sequence[int]) -> Tenso
         batches = data
     taken: list[Tensor] = []
     count = 0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         images = parse_batch(batch, "data").images
         if images.ndim != 4 or not images.is_floating_point():
             raise ValueError(
                 f"data images must be normalised float tensors [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
             )
-        if tuple(images.shape[1:]) != tuple(input_size):
+        if images.shape[1] != channels:
+            raise ValueError(f"data images have {images.shape[1]} channels but the model takes {channels}")
+        if taken and images.shape[1:] != taken[0].shape[1:]:
             raise ValueError(
-                f"data images are {tuple(images.shape[1:])} but the model takes {tuple(input_size)} (C, H, W): "
-                "calibrate on images the model will see"
+                f"data batch {index} holds images of {tuple(images.shape[1:])} (C, H, W), the batches before it "
+                f"{tuple(taken[0].shape[1:])}: give images of one size, the size the model will see"
             )
-        taken.append(images[: limit - count])
-        count += len(taken[-1])
+        images = images[: limit - count]
+        finite = torch.isfinite(images).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"data batch {index}, image {bad} holds non-finite values (NaN or inf): give real images, "
+                "normalised as the model expects"
+            )
+        taken.append(images)
+        count += len(images)
         if count >= limit:
             break
     if count == 0:
-        raise ValueError("data holds no images: calibrate needs a few (e.g. 256) unlabelled images")
+        raise ValueError("data holds no images: give a few (e.g. 256) unlabelled images")
     return torch.cat(taken)
 
 
@@ -311,6 +324,7 @@ def calibrate(
     keep_norm: bool | None = None,
     max_block_runs: int | None = None,
     progress: bool = True,
+    score: str | None = None,
 ) -> PatchConfig:
     """Search the blocks and keep rates that preserve ``model``'s own predictions within a FLOPs budget.
 
@@ -318,14 +332,17 @@ def calibrate(
         model: a supported timm or Hugging Face ViT (patched or not; it is left exactly as it was).
         data: unlabelled images, normalised as the model expects: a float tensor ``[N, C, H, W]``, or an iterable
             of such batches, of ``(images, labels)`` or of ``{"pixel_values": ...}`` dicts (labels are ignored).
-        flops: the budget, a fraction in (0, 1) of the unpatched model's FLOPs (``count_flops`` at the model's
-            input size); the plan's count lands in ``[flops - 0.01, flops]``.
+        flops: the budget, a fraction in (0, 1) of the unpatched model's FLOPs (``count_flops`` at the size of the
+            calibration images, which may differ from the size the model is built for when the model takes them);
+            the plan's count lands in ``[flops - 0.01, flops]``, and wherever the ``flops=`` rule of
+            :func:`~tokenmerge_patch.patch` lands, so does calibrate (returning the rule's plan if its own misses).
         images: how many images of ``data`` to use (the first ones).
         batch_size: images per forward.
         method: the reduction (``"merge"``, the default, is what the search is tuned for).
         prop_attn: proportional attention after merges (``None``: as :func:`~tokenmerge_patch.patch` defaults it).
         keep_norm: the norm-keeping merge: ``True`` / ``False`` fix it; ``None`` starts from ``patch``'s default and
             lets the search decide (it also decides ``size_weighted``).
+        score: what picks the crucial tokens (``None``: as :func:`~tokenmerge_patch.patch` defaults it).
         max_block_runs: the search's budget, in block evaluations of all the calibration images (default: 30
             full forwards' worth); the result depends on it but on nothing else (no clock).
         progress: show progress bars.
@@ -334,15 +351,13 @@ def calibrate(
         The plan: ``patch(model, config=plan)`` applies it.
 
     Raises:
-        TypeError / ValueError: bad ``model``, ``data`` (empty, wrong shape or dtype), ``flops`` or options; an
-            unreachable budget. The model is left as it was.
+        TypeError / ValueError: bad ``model``, ``data`` (empty, wrong shape or dtype, non-finite values, a size the
+            model does not take), ``flops`` or options; an unreachable budget. The model is left as it was.
     """
     from .patch import _validated_config, _with_previous_patch_restored
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    backend = find_backend(model)
-    depth = len(backend.blocks(model))
+    info = describe(model)
+    model, backend, depth = info.model, info.backend, info.depth
     fraction = check_fraction(flops, "flops")
     for name, value in (("images", images), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
@@ -351,50 +366,45 @@ def calibrate(
         isinstance(max_block_runs, bool) or not isinstance(max_block_runs, Integral) or max_block_runs < 1
     ):
         raise ValueError(f"max_block_runs must be an int >= 1 or None, got {max_block_runs!r}")
-    base = _validated_config(depth, None, 0.7, method=method, prop_attn=prop_attn, keep_norm=keep_norm)
+    base = _validated_config(info, None, 0.7, method=method, prop_attn=prop_attn, keep_norm=keep_norm, score=score)
     backend.check(model, replace(base, layers=tuple(range(depth)), keep_rates=(1.0,) * depth))
     if depth < 3:
         raise ValueError(f"calibrate needs a model with at least 3 blocks, this one has {depth}")
-    input_size = backend.input_size(model)
-    calibration = collect_images(data, int(images), input_size)
+    calibration = collect_images(data, int(images), info.input_size[0])
     param = next(model.parameters(), None)
     if param is not None:
         calibration = calibration.to(param.device, param.dtype)
     budget = int(max_block_runs) if max_block_runs is not None else 30 * depth
 
     def search() -> PatchConfig:
+        sized = info.taking(tuple(calibration.shape[1:]), "data images")
         with eval_mode(model):
-            return _search(
-                model, calibration, int(batch_size), base, fraction, input_size, budget, progress, keep_norm is None
-            )
+            return _search(sized, calibration, int(batch_size), base, fraction, budget, progress, keep_norm is None)
 
-    return _with_previous_patch_restored(model, backend, search)
+    return _with_previous_patch_restored(info, search)
 
 
 def _search(
-    model: nn.Module,
+    info: ModelInfo,
     images: Tensor,
     batch_size: int,
     base: PatchConfig,
     fraction: float,
-    input_size: Sequence[int],
     budget: int,
     progress: bool,
     free_keep_norm: bool = True,
 ) -> PatchConfig:
     from .patch import unpatch
 
+    model, depth, num_prefix = info.model, info.depth, info.num_prefix
     unpatch(model)
-    backend = find_backend(model)
-    depth = len(backend.blocks(model))
-    num_prefix = backend.check(model, replace(base, layers=(0,), keep_rates=(1.0,)))
-    flops_of = flop_model(model, input_size, num_prefix)
+    flops_of = flop_model(info)
     aim = fraction - TOLERANCE / 2
 
     def share(rates: Sequence[float]) -> float:
-        return _fraction(flops_of, depth, num_prefix, rates, base.method)
+        return _fraction(flops_of, depth, num_prefix, rates, base.method, base.score)
 
-    runner = _Runner(model, images, batch_size, base, progress)
+    runner = _Runner(info, images, batch_size, base, progress)
     bar = tqdm(total=budget, desc=f"calibrate to {fraction:.0%} of the FLOPs", disable=not progress, leave=False)
 
     def spent() -> bool:
@@ -402,23 +412,26 @@ def _search(
         bar.refresh()
         return runner.block_runs >= budget
 
-    # 1. family scan
-    last_one = backend.class_token_head(model)
+    # 1. family scan (keeping one token in the last block only where the budget can still be reached that way)
+    head = info.class_token_head
     quarter = max(1, depth // 4)
     best: tuple[float, Candidate] | None = None
-    for start in sorted({max(1, quarter - 1), quarter, min(depth - 2, quarter + 1)}):
-        for slope in (0.0, 1.5):
-            shape = partial(shaped_rates, depth, start, slope=slope, last_one=last_one)  # shape(cut)
-            rates = solve_scalar(shape, share, aim, 0.0, 1.0)
-            if rates is None:
-                continue
-            candidate = Candidate(rates, base.size_weighted, base.keep_norm)
-            divergence = runner.evaluate(candidate).search
-            if best is None or divergence < best[0]:
-                best = (divergence, candidate)
+    for last_one in (True, False) if head else (False,):
+        for start in sorted({max(1, quarter - 1), quarter, min(depth - 2, quarter + 1)}):
+            for slope in (0.0, 1.5):
+                shape = partial(shaped_rates, depth, start, slope=slope, last_one=last_one)  # shape(cut)
+                rates = solve_scalar(shape, share, aim, 0.0, 1.0)
+                if rates is None or share(rates) < fraction - TOLERANCE:
+                    continue  # over the budget even at its cheapest, or under it even at its dearest
+                candidate = Candidate(rates, base.size_weighted, base.keep_norm)
+                divergence = runner.evaluate(candidate).search
+                if best is None or divergence < best[0]:
+                    best = (divergence, candidate)
+        if best is not None:
+            break
     rule: tuple[Candidate, Score] | None = None
     try:  # the data-free rule of patch(flops=...) competes too, and is the fallback (step 3)
-        layers, keep_rates = rule_keep_rates(flops_of, depth, base.method, last_one, aim)
+        layers, keep_rates = rule_keep_rates(flops_of, depth, base.method, head, aim, base.score)
         rates = dict(zip(layers, keep_rates, strict=True))
         candidate = Candidate(tuple(rates.get(i, 1.0) for i in range(depth)), base.size_weighted, base.keep_norm)
         rule = (candidate, runner.evaluate(candidate))
@@ -441,7 +454,7 @@ def _search(
         now = share(rates)
         gain: dict[int, float] = {}  # divergence saved per FLOP spent, by keeping more in a block
         cost: dict[int, float] = {}  # divergence added per FLOP saved, by keeping less
-        for block in range(max(0, plan.first - 1), depth - last_one):
+        for block in range(max(0, plan.first - 1), depth - (head and rates[-1] <= TINY)):
             if rates[block] < 1.0:
                 looser = _with_rate(rates, block, rates[block] + step)
                 extra = share(looser) - now
@@ -494,7 +507,10 @@ def _search(
     if rule is not None and rule[1].overall < score.overall:
         plan = rule[0]
     bar.close()
-    return _fit_budget(model, plan.config(base), fraction, input_size, flops_of.total)
+    try:
+        return _fit_budget(info, plan.config(base), fraction, flops_of.total)
+    except ValueError:  # its rates move too coarsely here (bipartite clamps them): the rule lands wherever it can
+        return budget_plan(info, fraction, base)
 
 
 def _tightened(rates: Sequence[float], block: int, rate: float, cut: float) -> tuple[float, ...]:
@@ -507,21 +523,23 @@ def _with_rate(rates: Sequence[float], block: int, rate: float) -> tuple[float, 
     return tuple(out)
 
 
-def _fraction(flops_of: FlopModel, depth: int, num_prefix: int, rates: Sequence[float], method: str) -> float:
+def _fraction(
+    flops_of: FlopModel, depth: int, num_prefix: int, rates: Sequence[float], method: str, score: str = "cls"
+) -> float:
     layers = tuple(i for i, rate in enumerate(rates) if rate < 1.0)
     counts = token_counts_for(flops_of.num_tokens, num_prefix, depth, layers, [rates[i] for i in layers], method)
-    return flops_of(counts, method) / flops_of.total
+    return flops_of(counts, method, score) / flops_of.total
 
 
-def _fit_budget(model: nn.Module, plan: PatchConfig, fraction: float, input_size: Sequence[int], total: int):
+def _fit_budget(info: ModelInfo, plan: PatchConfig, fraction: float, total: int):
     """Check the plan with ``count_flops``; if the estimate missed the window, move the deepest reducing block
     before the last (the cheapest to change) until it lands."""
     from .patch import _install
 
-    backend = find_backend(model)
+    model, backend = info.model, info.backend
     for _ in range(8):
         _install(model, backend, plan, backend.check(model, plan))
-        measured = count_flops(model, input_size).total / total
+        measured = count_flops(model, info.input_size).total / total
         if fraction - TOLERANCE <= measured <= fraction:
             return plan
         if len(plan.layers) < 2:

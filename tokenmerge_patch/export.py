@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .backends import find_backend, image_model
+from .backends import image_model
+from .model_info import describe
 from .patch import patch_config
 
 
@@ -127,7 +128,7 @@ def export_onnx(
 def _default_example(model: nn.Module) -> Tensor:
     """Zeros of the input size the model is built for (batch 1), in its parameters' dtype and device."""
     try:
-        backend = find_backend(model)
+        size = describe(model).input_size
     except TypeError as error:
         raise TypeError(
             f"pass example=...: tokenmerge_patch knows the input size only of the models it can patch ({error})"
@@ -135,4 +136,4 @@ def _default_example(model: nn.Module) -> Tensor:
     parameter = next(model.parameters(), None)
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     device = parameter.device if parameter is not None else torch.device("cpu")
-    return torch.zeros(1, *backend.input_size(model), dtype=dtype, device=device)
+    return torch.zeros(1, *size, dtype=dtype, device=device)

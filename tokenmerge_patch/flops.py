@@ -17,13 +17,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import prod
-from numbers import Integral
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .backends import find_backend, image_model
+from .model_info import ModelInfo, check_input_size, describe
 from .multiscale import analytic_extra_flops, has_multiscale
 from .utils import eval_mode
 
@@ -126,29 +124,23 @@ class FlopReport:
 def _example(model: nn.Module, input_size: Sequence[int] | Tensor) -> Tensor:
     if isinstance(input_size, Tensor):
         return input_size
-    allowed = "(channels, height, width), three integers (int or numpy integer, not bool), or an example tensor"
-    if isinstance(input_size, np.ndarray) and input_size.ndim == 1:
-        input_size = tuple(input_size.tolist())  # a numpy array of sizes: its elements as Python numbers
-    if not isinstance(input_size, Sequence) or isinstance(input_size, str) or len(input_size) != 3:
-        raise TypeError(f"input_size must be {allowed}, got {input_size!r}")
-    for value in input_size:
-        if isinstance(value, bool) or not isinstance(value, Integral):  # numpy integers are Integral
-            raise TypeError(f"input_size must be {allowed}, got {input_size!r} (holding a {type(value).__name__})")
-    if any(value < 1 for value in input_size):
-        raise ValueError(f"input_size must be {allowed}, each >= 1, got {input_size!r}")
+    size = check_input_size(input_size)
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(1, *(int(v) for v in input_size), generator=generator).to(param.device, param.dtype)
+    return torch.randn(1, *size, generator=generator).to(param.device, param.dtype)
 
 
 @torch.no_grad()
-def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 224)) -> FlopReport:
+def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor | None = None) -> FlopReport:
     """Flops of one forward (fvcore convention: one multiply-add = one flop), per image.
+
+    Counting runs one traced forward; it does not change what :func:`~tokenmerge_patch.reduction_trace` reports.
 
     Args:
         model: a supported ViT, patched or not (fused attention may stay on).
         input_size: ``(C, H, W)`` for a batch of one (``numbers.Integral`` values, numpy integers included),
-            or an example input (its flops are divided by its batch size).
+            or an example input (its flops are divided by its batch size); ``None``: the size the model is built
+            for (:func:`~tokenmerge_patch.describe`), the size ``patch(model, flops=...)`` budgets at.
 
     Raises:
         TypeError: ``input_size`` neither three integers nor a Tensor.
@@ -161,14 +153,11 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
         >>> round(report.gflops, 2), [b.tokens_out for b in report.blocks][2:5]
         (3.01, [197, 139, 139])
     """
-    with warnings.catch_warnings():  # fvcore's import touches deprecated torch.jit APIs
-        warnings.simplefilter("ignore")
-        from fvcore.nn import FlopCountAnalysis
-
-    backend = find_backend(model)
-    example = _example(model, input_size)
+    info = describe(model)
+    model, backend = info.model, info.backend
+    example = _example(model, info.input_size if input_size is None else input_size)
     batch = example.shape[0]
-    wrapper = _TensorOutput(image_model(model))  # a CLIPModel: its image features
+    wrapper = _TensorOutput(info.images)  # a CLIPModel: its image features
     blocks = list(backend.blocks(model))
     tokens: dict[int, tuple[int, int]] = {}
 
@@ -180,22 +169,36 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | Tensor = (3, 224, 
 
     handles = [block.register_forward_hook(recorder(i)) for i, block in enumerate(blocks)]
     try:
-        with eval_mode(model), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            analysis = FlopCountAnalysis(wrapper, (example,))
-            analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
-            analysis.set_op_handle("aten::_native_multi_head_attention", native_mha_flop_jit)
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-            total = analysis.total()
-            by_module = analysis.by_module()
-            unsupported = dict(analysis.unsupported_ops())
+        with eval_mode(model):
+            total, by_module, unsupported = _fvcore(wrapper, example)
     finally:
         for handle in handles:
             handle.remove()
     names = {module: name for name, module in wrapper.named_modules()}
     per_block = [BlockFlops(i, *tokens[i], by_module.get(names[block], 0) // batch) for i, block in enumerate(blocks)]
-    analytic = analytic_flops(model, [(b.tokens_in, b.tokens_out) for b in per_block], example)
+    analytic = analytic_flops(info, [(b.tokens_in, b.tokens_out) for b in per_block], example)
     return FlopReport(total // batch, per_block, analytic, unsupported)
+
+
+def _fvcore(module: nn.Module, example: Tensor) -> tuple[int, dict[str, int], dict[str, int]]:
+    """fvcore's count of ``module(example)`` with the handles for fused attention: total, per module, skipped ops."""
+    with warnings.catch_warnings():  # fvcore's import touches deprecated torch.jit APIs
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+        analysis = FlopCountAnalysis(module, (example,))
+        analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+        analysis.set_op_handle("aten::_native_multi_head_attention", native_mha_flop_jit)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        return analysis.total(), analysis.by_module(), dict(analysis.unsupported_ops())
+
+
+@torch.no_grad()
+def count_module_flops(module: nn.Module, example: Tensor) -> int:
+    """fvcore's count of ``module(example)`` (one multiply-add = one flop, fused attention counted), for the whole
+    batch: any module with a tensor input, e.g. a language model over input embeddings."""
+    with eval_mode(module):
+        return _fvcore(_TensorOutput(module), example)[0]
 
 
 def _linear_macs(module: nn.Module) -> int:
@@ -210,14 +213,14 @@ def _linear_macs(module: nn.Module) -> int:
     return total
 
 
-def analytic_flops(model: nn.Module, block_tokens: Sequence[tuple[int, int]], example: Tensor) -> int:
+def analytic_flops(info: ModelInfo, block_tokens: Sequence[tuple[int, int]], example: Tensor) -> int:
     """``12 N D^2 + 2 N^2 D`` per block, written with the real widths: the attention's projections and
     its ``2 N^2 A`` run on the tokens entering a block, the MLP on those leaving it; plus the patch
     embedding (the first convolution) and every linear layer outside the blocks (head, pooler), once per
     image. Norms, element-wise ops and the reduction's own O(N D) work are left out. Of a multimodal model only the
-    image side counts (``backends.image_model``).
+    image side counts (``info.images``).
     """
-    backend = find_backend(model)
+    model, backend = info.model, info.backend
     blocks = list(backend.blocks(model))
     total = 0
     for (n_in, n_out), block in zip(block_tokens, blocks, strict=True):
@@ -227,7 +230,7 @@ def analytic_flops(model: nn.Module, block_tokens: Sequence[tuple[int, int]], ex
         attention, mlp, width = backend.block_parts(blocks[0])
         total += analytic_extra_flops(model, example, _linear_macs(attention), width, _linear_macs(mlp))
     inside = {id(m) for block in blocks for m in block.modules()}
-    outside = [m for m in image_model(model).modules() if id(m) not in inside]
+    outside = [m for m in info.images.modules() if id(m) not in inside]
     total += sum(m.in_features * m.out_features for m in outside if isinstance(m, nn.Linear))
     conv = next((m for m in outside if isinstance(m, nn.Conv2d)), None)
     if conv is not None:

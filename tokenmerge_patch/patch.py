@@ -15,8 +15,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from .backends import Backend, find_backend, image_model
+from .backends import Backend
 from .backends.shared import refuse_scripting
+from .model_info import ModelInfo, describe, unwrap
 from .plan import PatchConfig, check_fraction
 from .records import LayerRecord, TokenRecord, record_of, record_sizes, tag
 from .reduce import exporting, reduce_tokens
@@ -121,6 +122,7 @@ class TokenMergeState:
             merge_into_cls=config.merge_into_cls,
             size_weighted=config.size_weighted,
             keep_norm=config.keep_norm,
+            score=config.score,
             attn_bias=attn_bias,
             sizes=None if record is None else record[0],
             source=None if record is None else record[1],
@@ -158,8 +160,9 @@ class TokenMergeState:
 
     def publish(self, record: TokenRecord | None) -> None:
         """Make ``record``'s trace what :func:`reduction_trace` reports (called where a forward leaves the blocks).
-        Not while exporting: the tensors of a traced forward are placeholders of symbolic size."""
-        if record is not None and not exporting():
+        Not while exporting or tracing (``count_flops``): the tensors of a traced forward are placeholders or
+        traced sizes, and counting is not a forward the trace should report."""
+        if record is not None and not exporting() and not torch.jit.is_tracing():
             self.records = {layer: LayerRecord(*fields) for layer, *fields in record[3]}
 
     def __getstate__(self) -> dict:
@@ -178,7 +181,7 @@ class _Collector(dict):
 
 
 def _state(model: nn.Module) -> TokenMergeState | None:
-    state = model.__dict__.get(ATTRIBUTE)
+    state = unwrap(model).__dict__.get(ATTRIBUTE)
     return state if isinstance(state, TokenMergeState) else None
 
 
@@ -230,6 +233,9 @@ def patch(
     prop_attn: bool | None = None,
     trace_source: bool = False,
     seed: int = 0,
+    input_size: Sequence[int] | None = None,
+    score: str | None = None,
+    visual_tokens: int | None = None,
 ) -> nn.Module:
     """Make a pretrained ViT cheaper in place: chosen blocks keep their most attended tokens and merge
     the rest into them (arXiv 2306.04897).
@@ -248,9 +254,9 @@ def patch(
     Three ways to say how much to reduce (use one):
 
     - ``layers`` / ``keep_rate``: the blocks and their keep rates (default: the paper's blocks, 0.7);
-    - ``flops=f``: a fraction of the unpatched model's FLOPs (:func:`count_flops` at the model's input size); a
-      fixed rule (:func:`tokenmerge_patch.budget.budget_plan`, no data) picks the blocks and keep rates so the
-      patched count lands in ``[f - 0.01, f]``;
+    - ``flops=f``: a fraction of the unpatched model's FLOPs (:func:`count_flops` at the model's input size, the
+      size it is built for, or at ``input_size``); a fixed rule (:func:`tokenmerge_patch.budget.budget_plan`, no
+      data) picks the blocks and keep rates so the patched count lands in ``[f - 0.01, f]`` at that size;
     - ``config=plan``: a :class:`PatchConfig` (e.g. from :func:`calibrate` or ``patch_config(other)``), or its
       :meth:`~PatchConfig.to_dict`, applied exactly; the other options must then stay at their defaults.
 
@@ -287,9 +293,23 @@ def patch(
             now (a ``[B, N0]`` index gather per reduction: well under 1 % of a forward,
             ``benchmarks/source_overhead.py``).
         seed: seed of ``similarity="random"``.
+        score: what picks the crucial tokens and weighs eq. 4: ``"cls"``, the class token's attention (the paper),
+            or ``"received"``, the attention each token receives from every query (exact, for models without a class
+            token such as SigLIP; it recomputes the block's attention matrix, half the attention's multiply-adds in
+            each reducing block). ``None``: ``"cls"`` where the model has a class token, ``"received"`` where not.
+            ``method="bipartite"`` needs no score.
+        visual_tokens: of a vision-language model (LLaVA, PaliGemma), the image tokens per image its language model
+            reads: the tower reduces to that many at the layer the LLM reads, in that layer alone (``layers=None``:
+            the tower's features are computed on every patch) or in geometric steps over ``layers`` (all at or
+            before it: fewer tower FLOPs too). Prompts must then carry as many image tokens per image
+            (:func:`~tokenmerge_patch.visual_token_count`, :func:`~tokenmerge_patch.patch_processor`).
+        input_size: with ``flops``, the ``(C, H, W)`` the budget is counted at (``None``: the size the model is
+            built for, see :func:`~tokenmerge_patch.describe`; e.g. ``(3, 224, 224)`` for a DINOv2 whose config
+            says 518 but which runs at 224).
 
     Returns:
-        ``model`` itself, patched. Patching a patched model re-configures it.
+        ``model`` itself, patched (a ``torch.compile`` or ``DistributedDataParallel`` wrapper: the module it wraps
+        is patched and the wrapper returned). Patching a patched model re-configures it.
 
     Raises:
         TypeError / ValueError: unsupported model, bad ``layers``/``keep_rate``/``flops``/``config``/... ,
@@ -310,10 +330,11 @@ def patch(
         >>> 0.59 <= count_flops(model).total / count_flops(unpatch(model)).total <= 0.6
         True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    backend = find_backend(model)
-    depth = len(backend.blocks(model))
+    given_model = model
+    info = describe(model)
+    model, backend, depth = info.model, info.backend, info.depth
+    if input_size is not None and flops is None:
+        raise ValueError("input_size= is the size a flops= budget is counted at: give it with flops=, or not at all")
     options = dict(
         method=method,
         similarity=similarity,
@@ -323,8 +344,21 @@ def patch(
         prop_attn=prop_attn,
         trace_source=trace_source,
         seed=seed,
+        score=score,
     )
-    if config is not None:
+    if visual_tokens is not None:
+        from .vlm import visual_plan  # imports transformers: only for a VLM
+
+        given = [n for n, v in (("keep_rate", keep_rate), ("flops", flops), ("config", config)) if v is not None]
+        if given:
+            raise ValueError(f"visual_tokens= says how much to reduce: give it without {', '.join(given)}")
+        if info.backend.name != "hf-vlm":
+            raise ValueError(
+                f"visual_tokens applies to vision-language models (LLaVA, PaliGemma), not {type(model).__name__}"
+            )
+        base = _validated_config(info, None, 0.7, **options)
+        plan = visual_plan(info, visual_tokens, layers, base)
+    elif config is not None:
         given = [n for n, v in (("layers", layers), ("keep_rate", keep_rate), ("flops", flops)) if v is not None]
         given += [name for name, value in options.items() if value != _OPTION_DEFAULTS[name]]
         if given:
@@ -339,16 +373,17 @@ def patch(
         if flops is not None and (layers is not None or keep_rate is not None):
             raise ValueError("give either flops= (a FLOPs budget) or layers=/keep_rate=, not both")
         layers = None if flops is not None else layers
-        plan = _validated_config(depth, layers, 0.7 if keep_rate is None else keep_rate, **options)
+        plan = _validated_config(info, layers, 0.7 if keep_rate is None else keep_rate, **options)
         if flops is not None:
             fraction = check_fraction(flops, "flops")
+            budget_info = info.taking(input_size)
             backend.check(model, replace(plan, layers=tuple(range(depth)), keep_rates=(1.0,) * depth))
             from .budget import budget_plan  # budget counts FLOPs, which needs this module
 
-            plan = _with_previous_patch_restored(model, backend, lambda: budget_plan(model, fraction, plan))
+            plan = _with_previous_patch_restored(info, lambda: budget_plan(budget_info, fraction, plan))
     num_prefix = backend.check(model, plan)
     _install(model, backend, plan, num_prefix)
-    return model
+    return given_model
 
 
 _OPTION_DEFAULTS = dict(
@@ -360,6 +395,7 @@ _OPTION_DEFAULTS = dict(
     prop_attn=None,
     trace_source=False,
     seed=0,
+    score=None,
 )
 
 
@@ -376,38 +412,47 @@ def _install(model: nn.Module, backend: Backend, plan: PatchConfig, num_prefix: 
     model.__dict__[ATTRIBUTE] = state
 
 
-def _with_previous_patch_restored(model: nn.Module, backend: Backend, search):
-    """Run ``search()`` (which patches ``model`` with trial plans) and put back the patch ``model`` had before,
-    whether the search succeeds or fails."""
-    previous = patch_config(model)
+def _with_previous_patch_restored(info: ModelInfo, search):
+    """Run ``search()`` (which patches the model with trial plans) and put back the patch the model had before,
+    with the trace of its last forward, whether the search succeeds or fails."""
+    model, backend = info.model, info.backend
+    previous = _state(model)
+    records = None if previous is None else previous.records  # unpatching clears them: keep the dict itself
     try:
         return search()
     finally:
         if previous is None:
             unpatch(model)
         else:
-            _install(model, backend, previous, backend.check(model, previous))
+            _install(model, backend, previous.config, backend.check(model, previous.config))
+            _state(model).records = records
 
 
 def _validated_config(
-    depth: int,
+    info: ModelInfo,
     layers: LayerSpec,
     keep_rate: KeepRateSpec,
     *,
     prop_attn: bool | None,
     keep_norm: bool | None = None,
+    score: str | None = None,
     **options: object,
 ) -> PatchConfig:
     """``patch``'s arguments as a checked plan (``layers``/``keep_rate`` by ``resolve_plan``, the options by
     :meth:`PatchConfig.validate`; ``prop_attn=None`` is on for merge and bipartite, ``keep_norm=None`` for merge
-    with proportional attention)."""
+    with proportional attention, ``score=None`` is the class token's attention where the model has one)."""
     method = options.get("method", "merge")
     if prop_attn is None:
         prop_attn = method in ("merge", "bipartite")
     if keep_norm is None:
         keep_norm = method == "merge" and prop_attn is True
-    checked = PatchConfig(layers=(0,), keep_rates=(1.0,), prop_attn=prop_attn, keep_norm=keep_norm, **options)
+    if score is None:
+        score = "cls" if info.class_token else "received"
+    checked = PatchConfig(
+        layers=(0,), keep_rates=(1.0,), prop_attn=prop_attn, keep_norm=keep_norm, score=score, **options
+    )
     checked = checked.validate()
+    depth = info.depth
     plan = resolve_plan(depth, layers, keep_rate)
     return replace(
         checked,
@@ -445,7 +490,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = _state(model)
     if state is not None:
         state.uninstall()
-        del model.__dict__[ATTRIBUTE]
+        del unwrap(model).__dict__[ATTRIBUTE]
     return model
 
 
@@ -465,15 +510,19 @@ def token_counts(model: nn.Module, example: Tensor) -> list[int]:
     >>> token_counts(model, torch.randn(1, 3, 224, 224))[2:5]
     [197, 139, 139]
     """
-    backend = find_backend(model)
+    info = describe(model)
     counts: list[int] = []
     handles = [
-        block.register_forward_hook(lambda _m, _i, out: counts.append(backend.tokens_of(out)))
-        for block in backend.blocks(model)
+        block.register_forward_hook(lambda _m, _i, out: counts.append(info.backend.tokens_of(out)))
+        for block in info.backend.blocks(info.model)
     ]
+    state = _state(info.model)
+    records = None if state is None else state.records
     try:
-        image_model(model)(example)
+        info.images(example)
     finally:
+        if state is not None:  # counting is not a forward the trace should report
+            state.records = records
         for handle in handles:
             handle.remove()
     return counts

@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
 
-from .reduce import METHODS, SIMILARITIES
+from .reduce import METHODS, SCORES, SIMILARITIES
 
 PLAN_FORMAT = "tokenmerge_patch.PatchConfig/1"
 FUSE_PROP_ATTN = (
@@ -32,8 +32,8 @@ class PatchConfig:
     Attributes:
         layers: 0-based indices of the reducing blocks, ascending.
         keep_rates: one keep rate in (0, 1] per entry of ``layers``.
-        method, similarity, merge_into_cls, size_weighted, keep_norm, prop_attn, trace_source, seed: as in
-            ``patch``.
+        method, similarity, merge_into_cls, size_weighted, keep_norm, prop_attn, trace_source, seed, score: as in
+            ``patch`` (a plan without ``score``, written before it existed, scores by the class token).
         depth: number of blocks of the model the plan was made for (``None``: any model deep enough);
             ``patch(model, config=plan)`` refuses a model of another depth.
 
@@ -52,6 +52,13 @@ class PatchConfig:
     trace_source: bool = False
     seed: int = 0
     depth: int | None = None
+    score: str = "cls"
+
+    @property
+    def needs_class_token(self) -> bool:
+        """Whether the plan reads a class token: its attention scores (``score="cls"``, any method but bipartite) or
+        its merges (``merge_into_cls``)."""
+        return (self.score == "cls" and self.method != "bipartite") or self.merge_into_cls
 
     def keep_rate_of(self, layer: int) -> float:
         return self.keep_rates[self.layers.index(layer)]
@@ -130,6 +137,10 @@ class PatchConfig:
                 raise ValueError(f"{name} applies to method='merge' only, got method={self.method!r}")
         if self.method == "fuse" and self.prop_attn:
             raise ValueError(FUSE_PROP_ATTN)
+        if not isinstance(self.score, str) or self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.merge_into_cls and self.score != "cls":
+            raise ValueError("merge_into_cls lets the class token absorb tokens: it needs score='cls'")
         if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, Integral)):
@@ -151,6 +162,7 @@ class PatchConfig:
             trace_source=self.trace_source,
             seed=int(self.seed),
             depth=None if self.depth is None else int(self.depth),
+            score=self.score,
         )
 
 

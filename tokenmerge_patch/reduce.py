@@ -33,6 +33,9 @@ from torch import Tensor
 
 METHODS = ("merge", "drop", "fuse", "bipartite")
 SIMILARITIES = ("cosine", "l1", "l2", "attention", "random")
+SCORES = ("cls", "received")
+# received_attention builds the attention matrix a few heads at a time: at most this many float32 elements at once
+_RECEIVED_CHUNK = 1 << 24
 
 
 def kept_count(num_patches: int, keep_rate: float) -> int:
@@ -83,6 +86,57 @@ def class_attention(q: Tensor, k: Tensor, scale: float, attn_bias: Tensor | None
     if attn_bias is not None:
         logits = logits + attn_bias.float().squeeze(-2)
     return logits.softmax(dim=-1).mean(dim=1)
+
+
+def received_attention(
+    q: Tensor, k: Tensor, scale: float, attn_bias: Tensor | None = None, query_weights: Tensor | None = None
+) -> Tensor:
+    """How much attention each token receives: the post-softmax attention averaged over heads and over the queries
+    (each query weighted by ``query_weights``, e.g. how many patches a merged token holds), exactly. The score for
+    models without a class token (SigLIP), where no token's row says what the image is about.
+
+    It needs the whole attention matrix, which fused (SDPA) attention never builds: it is recomputed from the
+    block's own queries and keys, a few heads at a time, for ``N^2 * d`` multiply-adds per head (half of what the
+    attention itself costs; :func:`~tokenmerge_patch.count_flops` counts it).
+
+    Args:
+        q, k: ``[B, H, N, d]``.
+        scale: the softmax scale.
+        attn_bias: optional additive bias broadcastable to ``[B, H, N, N]`` (proportional attention's ``[B, 1, 1, N]``).
+        query_weights: ``[B, N]`` non-negative weights of the queries, ``None`` for equal weights.
+
+    Returns:
+        ``[B, N]`` float32; each row sums to 1.
+
+    >>> q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    >>> full = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1)  # [B, H, N, N]
+    >>> torch.allclose(received_attention(q, k, 0.5), full.mean(dim=(1, 2)), atol=1e-6)
+    True
+    """
+    batch, heads, count, _ = q.shape
+    weights = q.new_ones(batch, count, dtype=torch.float32) if query_weights is None else query_weights.float()
+    weights = (weights / weights.sum(dim=1, keepdim=True)).unsqueeze(1).unsqueeze(2)  # [B, 1, 1, N]
+    step = max(1, min(heads, _RECEIVED_CHUNK // max(1, batch * count * count)))
+    received = q.new_zeros(batch, count, dtype=torch.float32)
+    for start in range(0, heads, step):
+        logits = (q[:, start : start + step].float() * scale) @ k[:, start : start + step].float().transpose(-2, -1)
+        if attn_bias is not None:
+            bias = attn_bias.float()
+            logits = logits + (bias if bias.shape[1] == 1 else bias[:, start : start + step])
+        probs = logits.softmax(dim=-1)
+        # expanded over the heads (free) so that FLOP counters see the multiply-adds this does: one row per head
+        received = received + (weights.expand(-1, probs.shape[1], -1, -1) @ probs).squeeze(2).sum(dim=1)  # [B, N]
+    return received / heads
+
+
+def token_scores(
+    score: str, q: Tensor, k: Tensor, scale: float, attn_bias: Tensor | None, sizes: Tensor | None
+) -> Tensor:
+    """``[B, N]`` scores by ``score``: ``"cls"`` (the class token's attention row, :func:`class_attention`) or
+    ``"received"`` (the attention each token receives, :func:`received_attention`)."""
+    if score == "cls":
+        return class_attention(q, k, scale, attn_bias)
+    return received_attention(q, k, scale, attn_bias, sizes)
 
 
 _IS_EXPORTING = getattr(torch.compiler, "is_exporting", lambda: False)  # older torch: no flag
@@ -309,6 +363,7 @@ def reduce_tokens(
     trace_source: bool = False,
     seed: int = 0,
     positions: Tensor | None = None,
+    score: str = "cls",
 ) -> Reduced:
     """Keep the crucial tokens and merge (or drop, or fuse) the rest. Batched, differentiable in ``x``,
     ``q`` and ``k``.
@@ -317,7 +372,8 @@ def reduce_tokens(
         x: ``[B, N, C]`` tokens after the block's attention residual.
         q, k: ``[B, H, N, d]`` the block's queries and keys (after q/k norm).
         scale: the attention's softmax scale.
-        num_prefix: number of leading prefix tokens (class first), never reduced.
+        num_prefix: number of leading prefix tokens (class first, if there is one), never reduced; 0 for a model
+            without a class token (``score="received"`` or ``method="bipartite"``).
         keep_rate: fraction of patch tokens kept, in (0, 1].
         method: ``"merge"`` (eq. 4, the paper), ``"drop"`` (keep the crucial tokens only), ``"fuse"``
             (EViT: the rest become one extra token, their score-weighted sum, not renormalised) or
@@ -341,6 +397,9 @@ def reduce_tokens(
         seed: seed of ``similarity="random"``.
         positions: ``[B, N - num_prefix]`` each patch token's row of a rotary position table so far (``-1``:
             none), ``None`` for ``arange``; followed to the output as :func:`move_positions` says.
+        score: what picks the crucial tokens (and weighs eq. 4): ``"cls"``, the class token's attention (the paper;
+            needs a class token first), or ``"received"``, the attention each token receives from all queries
+            (:func:`received_attention`; any model). ``"bipartite"`` uses no score.
 
     >>> x = torch.randn(1, 5, 3); q = k = torch.randn(1, 1, 5, 3)
     >>> reduce_tokens(x, q, k, 1.0, num_prefix=1, keep_rate=0.5, method="drop").x.shape
@@ -355,9 +414,15 @@ def reduce_tokens(
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     batch, num_tokens, _ = x.shape
-    if not 1 <= num_prefix < num_tokens:
-        raise ValueError(f"num_prefix must count the class token (>= 1) and leave patch tokens, got {num_prefix}")
+    needs_class = (score == "cls" and method != "bipartite") or merge_into_cls
+    if not int(needs_class) <= num_prefix < num_tokens:
+        raise ValueError(
+            f"num_prefix must leave patch tokens and, with score='cls' or merge_into_cls, count the class token "
+            f"(>= 1); got {num_prefix} of {num_tokens} tokens"
+        )
     num_patches = num_tokens - num_prefix
     if sizes is None:
         sizes = x.new_ones(batch, num_tokens, dtype=torch.float32)
@@ -372,7 +437,7 @@ def reduce_tokens(
         out.positions = move_positions(positions, out.keep_index, fused=False)
         return out
 
-    scores = class_attention(q, k, scale, attn_bias)  # [B, N]
+    scores = token_scores(score, q, k, scale, attn_bias, sizes)  # [B, N]; a merged query counts as its patches
     keep_index, rest_index = split_crucial(scores[:, num_prefix:], keep)
     prefix, prefix_sizes = x[:, :num_prefix], sizes[:, :num_prefix]
     if method in ("drop", "fuse"):

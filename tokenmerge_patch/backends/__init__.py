@@ -31,6 +31,12 @@ class Backend(Protocol):
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         """``(channels, height, width)`` of the images the model is built for."""
 
+    def num_prefix(self, model: nn.Module) -> int:
+        """Tokens before the patch tokens (class, distillation, register tokens)."""
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        """Whether the first token is a class token."""
+
     def class_token_head(self, model: nn.Module) -> bool:
         """Whether the model's output reads only the prefix tokens after its last block (a class-token head):
         then the last block's patch tokens feed nothing, and reducing them to one costs no accuracy."""
@@ -43,20 +49,21 @@ class Backend(Protocol):
 
 
 SUPPORTED = (
-    "timm VisionTransformer models built from timm's Block and Attention (vit_*, deit_*, "
-    "deit_*_distilled, deit3_*, *_dinov2, register-token models, qk-norm models), timm Eva models with a class "
-    "token built from EvaBlock with EvaAttention or AttentionRope (RoPE: eva02_*, *_dinov3, vit_*_rope_*), Hugging "
-    "Face transformers ViT, DeiT, Dinov2 (with or without registers), DINOv3 ViT, CLIP vision models and CLIPModel, "
-    "and open_clip ViT image towers (open_clip.create_model('ViT-*'), alone or in the CLIP model)"
+    "timm VisionTransformer models built from timm's Block and Attention (vit_*, deit_*, deit_*_distilled, "
+    "deit3_*, *_dinov2, register-token models, qk-norm models, SigLIP and other models without a class token), timm "
+    "Eva models built from EvaBlock with EvaAttention or AttentionRope (RoPE: eva02_*, *_dinov3, vit_*_rope_*), "
+    "Hugging Face transformers ViT, DeiT, Dinov2 (with or without registers), DINOv3 ViT, CLIP and SigLIP vision "
+    "models, CLIPModel and SiglipModel, open_clip ViT image towers (open_clip.create_model('ViT-*'), alone or in the "
+    "CLIP model), and the vision towers of transformers LLaVA and PaliGemma models"
 )
 
 
 def _backends() -> list[Backend]:
     # hf.py imports transformers only once it meets a transformers model, and openclip.py open_clip only once it meets
     # an open_clip model: timm users never pay for either
-    from . import hf, openclip, timm, timm_eva
+    from . import hf, openclip, timm, timm_eva, vlm
 
-    return [timm.BACKEND, timm_eva.BACKEND, hf.BACKEND, openclip.BACKEND]
+    return [timm.BACKEND, timm_eva.BACKEND, vlm.BACKEND, hf.BACKEND, openclip.BACKEND]
 
 
 def image_model(model: nn.Module) -> nn.Module:

@@ -47,12 +47,13 @@ SUPPORTED_HF = (
     "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
     "DeiTForImageClassificationWithTeacher, Dinov2Model, Dinov2ForImageClassification, Dinov2Backbone, "
     "Dinov2WithRegistersModel, Dinov2WithRegistersForImageClassification, DINOv3ViTModel, CLIPVisionModel, "
-    "CLIPVisionModelWithProjection and CLIPModel (its vision tower; and subclasses that keep their forward)"
+    "CLIPVisionModelWithProjection, CLIPModel, SiglipVisionModel and SiglipModel (their vision tower; and subclasses "
+    "that keep their forward)"
 )
 # families refused for a reason worth saying (matched on the class name's start)
 WHY_NOT = {
-    "Siglip": "SigLIP vision towers have no class token (their head pools all tokens by attention), so there is no "
-    "class-attention score to select tokens by",
+    "Siglip2": "SigLIP 2 runs at variable resolutions with a padding mask over its patches, which a patched layer "
+    "cannot honour; SigLIP (SiglipVisionModel, SiglipModel) is supported",
 }
 
 
@@ -79,6 +80,7 @@ CLIP_LAYOUT = LayerLayout("layer_norm1", "self_attn", (), "layer_norm2", "mlp", 
 
 class _Registry(NamedTuple):
     models: dict[type, int]  # supported top-level class -> number of prefix tokens (before register tokens)
+    no_class_token: tuple[type, ...]  # top-level classes whose towers have no class token (their prefix count is 0)
     backbones: dict[type, tuple[str, ...]]  # model.base_model class -> attribute path of its layer list
     layers: dict[type, tuple[LayerLayout, type]]  # layer class -> its layout and attention class
     concat_mean: tuple[type, ...]  # classifier input is cat([cls, mean of patch tokens])
@@ -96,6 +98,7 @@ def _registry() -> _Registry:
     from transformers.models.dinov2 import modeling_dinov2 as dinov2
     from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as registers
     from transformers.models.dinov3_vit import modeling_dinov3_vit as dinov3
+    from transformers.models.siglip import modeling_siglip as siglip
     from transformers.models.vit import modeling_vit as vit
 
     models = {vit.ViTModel: 1, vit.ViTForImageClassification: 1, dinov2.Dinov2Model: 1, dinov2.Dinov2Backbone: 1}
@@ -107,6 +110,9 @@ def _registry() -> _Registry:
     models |= {clip.CLIPModel: 1}
     # DINOv3: class token, then the register tokens; no absolute position embedding, rotary tables for the patches
     models[dinov3.DINOv3ViTModel] = 1
+    # SigLIP: patch tokens only (its head pools them by attention)
+    models |= {siglip.SiglipVisionModel: 0, siglip.SiglipModel: 0}
+    no_class_token = (siglip.SiglipVisionModel, siglip.SiglipModel)
     backbones = {
         vit.ViTModel: ("layers",),
         deit.DeiTModel: ("layers",),
@@ -114,6 +120,7 @@ def _registry() -> _Registry:
         registers.Dinov2WithRegistersModel: ("encoder", "layer"),
         dinov2.Dinov2Backbone: ("encoder", "layer"),  # its own base model
         clip.CLIPVisionModel: ("encoder", "layers"),
+        siglip.SiglipVisionModel: ("encoder", "layers"),
         dinov3.DINOv3ViTEncoder: ("layer",),  # DINOv3ViTModel.base_model is its encoder (base_model_prefix "model")
     }
     layers = {
@@ -123,12 +130,15 @@ def _registry() -> _Registry:
         registers.Dinov2WithRegistersLayer: (DINOV2_LAYOUT, registers.Dinov2WithRegistersAttention),
         clip.CLIPEncoderLayer: (CLIP_LAYOUT, clip.CLIPAttention),
         dinov3.DINOv3ViTLayer: (DINOV2_LAYOUT, dinov3.DINOv3ViTAttention),
+        siglip.SiglipEncoderLayer: (CLIP_LAYOUT, siglip.SiglipAttention),
     }
     rotary = {dinov3.DINOv3ViTLayer: dinov3.apply_rotary_pos_emb}
-    top_norms = {dinov3.DINOv3ViTModel: "norm"}
+    top_norms = {dinov3.DINOv3ViTModel: "norm", siglip.SiglipVisionModel: "post_layernorm"}
     concat_mean = (dinov2.Dinov2ForImageClassification, registers.Dinov2WithRegistersForImageClassification)
-    towers = {clip.CLIPModel: "vision_model"}
-    return _Registry(models, backbones, layers, concat_mean, towers, rotary, top_norms, dinov2.Dinov2Backbone)
+    towers = {clip.CLIPModel: "vision_model", siglip.SiglipModel: "vision_model"}
+    return _Registry(
+        models, no_class_token, backbones, layers, concat_mean, towers, rotary, top_norms, dinov2.Dinov2Backbone
+    )
 
 
 def _known_base(cls: type, table: dict[type, object]) -> type | None:
@@ -145,9 +155,10 @@ def _unwrapped(forward: object) -> object:
     return forward
 
 
-def _resolve(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int]:
-    """The (vision) backbone (``model.base_model``, ``CLIPModel.vision_model``), its layer list and the number of
-    prefix tokens (class [+ distillation] token, then the backbone's register tokens)."""
+def _resolve(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int, bool]:
+    """The (vision) backbone (``model.base_model``, ``CLIPModel.vision_model``), its layer list, the number of
+    prefix tokens (class [+ distillation] token, then the backbone's register tokens) and whether the first is a
+    class token."""
     registry = _registry()
     top = _known_base(type(model), registry.models)
     tower = None if top is None else registry.towers.get(top)
@@ -158,15 +169,25 @@ def _resolve(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int]:
         reason = next((f" ({why})" for start, why in WHY_NOT.items() if name.startswith(start)), "")
         raise TypeError(f"tokenmerge_patch supports {SUPPORTED_HF}; got {name}{reason}")
     num_prefix = registry.models[top] + int(getattr(backbone.config, "num_register_tokens", 0) or 0)
-    return backbone, reduce(getattr, registry.backbones[kind], backbone), num_prefix
+    class_token = not issubclass(top, registry.no_class_token)
+    return backbone, reduce(getattr, registry.backbones[kind], backbone), num_prefix, class_token
 
 
 def _sequence_norm(model: nn.Module, backbone: nn.Module) -> nn.Module | None:
     """The norm applied to the whole sequence after the last layer (it keeps the record), if the model has one."""
     registry = _registry()
-    top = next((cls for cls in type(model).__mro__ if cls in registry.top_norms), None)
-    norm = getattr(model, registry.top_norms[top]) if top is not None else getattr(backbone, "layernorm", None)
+    for owner in (model, backbone):  # the model's own (DINOv3), or its tower's (SigLIP's post_layernorm)
+        top = next((cls for cls in type(owner).__mro__ if cls in registry.top_norms), None)
+        if top is not None:
+            norm = getattr(owner, registry.top_norms[top])
+            return norm if isinstance(norm, nn.Module) else None
+    norm = getattr(backbone, "layernorm", None)
     return norm if isinstance(norm, nn.Module) else None
+
+
+def _attention_head(backbone: nn.Module) -> nn.Module | None:
+    """SigLIP's attention-pooling head, if the tower uses it."""
+    return getattr(backbone, "head", None) if getattr(backbone, "use_head", False) else None
 
 
 def _rotary(layer: nn.Module) -> Callable | None:
@@ -314,18 +335,41 @@ class SizeWeightedPatchMean:
         return {**self.__dict__, "pending": []}  # per-forward, not part of the model
 
 
-class CLIPImageFeatures(nn.Module):
-    """``CLIPModel.get_image_features(pixel_values).pooler_output`` as a module of images alone, made of the model's
-    own vision tower and projection (not a copy): what :func:`~tokenmerge_patch.count_flops` and
-    :func:`~tokenmerge_patch.patch.token_counts` run for a ``CLIPModel``, whose forward wants text too."""
+class ImageFeatures(nn.Module):
+    """``get_image_features(pixel_values)`` of a ``CLIPModel`` / ``SiglipModel`` as a module of images alone, made of
+    the model's own vision tower and projection (not a copy): what :func:`~tokenmerge_patch.count_flops` and
+    :func:`~tokenmerge_patch.patch.token_counts` run for those models, whose forward wants text too."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.vision_model = model.vision_model
-        self.visual_projection = model.visual_projection
+        self.visual_projection = getattr(model, "visual_projection", nn.Identity())  # SigLIP: none
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
+
+
+class SizeWeightedAttentionPool:
+    """Replaces the forward of SigLIP's attention-pooling head (``SiglipMultiheadAttentionPoolingHead``: a learned
+    probe attends over every token, then a LayerNorm and an MLP with a residual): after a merge each key counts as the
+    patches it holds (a ``log(size)`` bias on its logit, as proportional attention), so ``keep_rate=1.0`` is exact and
+    a token merged from ``s`` equal patches pools as they would."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+
+    def __call__(self, hidden_state: Tensor) -> Tensor:
+        head = self.head
+        sizes = record_sizes(record_of(hidden_state))
+        if sizes is None:
+            return type(head).forward(head, hidden_state)
+        batch, heads = hidden_state.shape[0], head.attention.num_heads
+        probe = head.probe.repeat(batch, 1, 1)
+        # nn.MultiheadAttention adds a float mask of [B * heads, queries, keys] to the logits
+        bias = sizes.log().to(hidden_state.dtype)[:, None, :].repeat_interleave(heads, dim=0)
+        pooled = head.attention(probe, hidden_state, hidden_state, attn_mask=bias, need_weights=False)[0]
+        pooled = pooled + head.mlp(head.layernorm(pooled))
+        return pooled[:, 0]
 
 
 class UnmergedHiddenStates:
@@ -363,10 +407,18 @@ class HFBackend:
         return _resolve(model)[1]
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
-        backbone, layers, num_prefix = _resolve(model)
+        backbone, layers, num_prefix, class_token = _resolve(model)
+        if config.needs_class_token and not class_token:
+            raise ValueError(
+                f"{type(model).__name__} has no class token (its head pools every token by attention), so there is no "
+                "class-attention score to select tokens by: patch it with score='received' (the default for such "
+                "models: the attention each token receives) or method='bipartite', and without merge_into_cls"
+            )
         norm = _sequence_norm(model, backbone)
         if norm is not None:
             check_overridable(norm, "the backbone's layernorm", (RecordKeepingNorm, SizeWeightedPatchMean))
+        if (head := _attention_head(backbone)) is not None:
+            check_overridable(head, "the tower's attention-pooling head", (SizeWeightedAttentionPool,))
         for index in (*config.layers, *config.proportional_layers(len(layers))):
             layout = _layout(layers[index], index)
             attention = getattr(layers[index], layout.attention)
@@ -387,7 +439,7 @@ class HFBackend:
         return num_prefix
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
-        backbone, layers, _ = _resolve(model)
+        backbone, layers, _, _ = _resolve(model)
         config = state.config
         for index in config.layers:
             layer = layers[index]
@@ -403,14 +455,23 @@ class HFBackend:
             pool = SizeWeightedPatchMean(model, state)
             state.override(backbone.layernorm, "forward", pool.keep)
             state.override(model.classifier, "forward", pool)
-        elif (norm := _sequence_norm(model, backbone)) is not None:  # ViT, DeiT, Dinov2, DINOv3: the sequence's norm
+        elif (norm := _sequence_norm(model, backbone)) is not None:  # ViT, DeiT, Dinov2, DINOv3, SigLIP
             state.override(norm, "forward", RecordKeepingNorm(norm, state))
+        if (head := _attention_head(backbone)) is not None:  # SigLIP's attention pooling: size-aware
+            state.override(head, "forward", SizeWeightedAttentionPool(head))
 
     def image_model(self, model: nn.Module) -> nn.Module:
-        """The module that maps images to the model's image output: the model itself, except for ``CLIPModel``."""
+        """The module that maps images to the model's image output: the model itself, except for ``CLIPModel`` and
+        ``SiglipModel`` (their image features)."""
         if _known_base(type(model), _registry().towers) is not None:
-            return CLIPImageFeatures(model)
+            return ImageFeatures(model)
         return model
+
+    def num_prefix(self, model: nn.Module) -> int:
+        return _resolve(model)[2]
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        return _resolve(model)[3]
 
     def input_size(self, model: nn.Module) -> tuple[int, int, int]:
         config = _resolve(model)[0].config

@@ -255,7 +255,13 @@ class OpenCLIPBackend:
         for layer in (*config.layers, *config.later_layers(len(blocks))):
             check_overridable(blocks[layer], f"block {layer}", (ReducingBlockForward, LaterBlockForward))
         check_overridable(visual.ln_post, "visual.ln_post", (RecordKeepingNorm,))
-        return 1
+        return self.num_prefix(model)
+
+    def num_prefix(self, model: nn.Module) -> int:
+        return 1  # the class token
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        return True
 
     def install(self, model: nn.Module, state: TokenMergeState) -> None:
         visual = _visual(model)

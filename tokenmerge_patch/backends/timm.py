@@ -120,20 +120,35 @@ class SizeWeightedPool:
     def __init__(self, model: VisionTransformer, state: TokenMergeState) -> None:
         self.model = model
         self.state = state
+        # timm's VisionTransformer attention-pools the patch tokens (unless pool_include_prefix), Eva every token
+        self.pool_includes_prefix = not isinstance(model, VisionTransformer) or model.pool_include_prefix
 
     def __call__(self, x: Tensor, pool_type: str | None = None) -> Tensor:
         model = self.model
         pool_type = model.global_pool if pool_type is None else pool_type
-        if model.attn_pool is not None or pool_type not in ("avg", "avgmax"):
+        if model.attn_pool is None and pool_type not in ("avg", "avgmax"):
             return type(model).pool(model, x, pool_type)
-        sizes = record_sizes(record_of(x))
+        record = record_of(x)
+        sizes = record_sizes(record)
+        if model.attn_pool is not None and sizes is not None:
+            return self._attention_pool(x, sizes)
         if sizes is None:
-            self._refuse_if_reduced(x)
+            if record is None:  # tokens that carry a record, even of no reduction, say what they are
+                self._refuse_if_reduced(x)
             return type(model).pool(model, x, pool_type)
         start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
         tokens, sizes = x[:, start:], sizes[:, start:]
         mean = size_weighted_mean(tokens, sizes)
         return mean if pool_type == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
+
+    def _attention_pool(self, x: Tensor, sizes: Tensor) -> Tensor:
+        """Attention pooling (SigLIP's MAP head) over merged tokens: each key counts as the patches it holds (a
+        ``log(size)`` bias, as proportional attention), so a token merged from ``s`` equal patches pools as they
+        would."""
+        model = self.model
+        start = 0 if self.pool_includes_prefix else model.num_prefix_tokens
+        tokens, sizes = x[:, start:], sizes[:, start:]
+        return model.attn_pool(tokens, attn_mask=sizes.log().to(tokens.dtype)[:, None, None, :])
 
     def _refuse_if_reduced(self, x: Tensor) -> None:
         """Tokens fewer than the patch grid but without a record: their merge sizes were lost (a copy,
@@ -141,6 +156,8 @@ class SizeWeightedPool:
         model = self.model
         if getattr(model, "dynamic_img_size", False):
             return  # the grid depends on the input size: a short sequence may be a small image
+        if model.training and getattr(model.patch_drop, "prob", 0.0) > 0:
+            return  # timm's patch dropout keeps a random subset of the patches in training
         full = model.patch_embed.num_patches + model.num_prefix_tokens
         if x.shape[1] < full:
             raise ValueError(
@@ -183,11 +200,21 @@ class TimmBackend:
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
         model = self.unwrap(model)
-        if getattr(model, "cls_token", None) is None:
+        if config.needs_class_token and not self.has_class_token(model):
             raise ValueError(
                 f"model has no class token ({self.no_class_token}), so there is no class-attention score to select "
-                "tokens by; tokenmerge_patch needs a model with a class token"
+                "tokens by: patch it with score='received' (the default for such models: the attention each token "
+                "receives) or method='bipartite', and without merge_into_cls"
             )
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None:
+            if getattr(pool, "pos_embed", None) is not None:
+                raise ValueError(
+                    "this model's attention pool adds a position embedding per token, which merged tokens do not "
+                    "have; tokenmerge_patch supports attention pools without one (SigLIP's 'map')"
+                )
+            if "attn_mask" not in inspect.signature(type(pool).forward).parameters:
+                raise ValueError("this timm's attention pool takes no attn_mask; a newer timm (>= 1.0.16) is needed")
         self.check_timm(config)
         for layer in (*config.layers, *config.proportional_layers(len(model.blocks))):
             block = model.blocks[layer]
@@ -206,7 +233,13 @@ class TimmBackend:
         for layer in (*config.layers, *config.later_layers(len(model.blocks))):
             check_overridable(model.blocks[layer], f"block {layer}", self.own_forwards)
         check_overridable(model.norm, "model.norm", (RecordKeepingNorm,))
-        return int(model.num_prefix_tokens)
+        return self.num_prefix(model)
+
+    def num_prefix(self, model: nn.Module) -> int:
+        return int(self.unwrap(model).num_prefix_tokens)
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        return getattr(self.unwrap(model), "cls_token", None) is not None
 
     def check_timm(self, config: PatchConfig) -> None:
         """What the installed timm must offer for ``config``."""
@@ -237,7 +270,8 @@ class TimmBackend:
     def class_token_head(self, model: nn.Module) -> bool:
         if not isinstance(model, self.model_class):  # features_only: dense feature maps read every patch
             return False
-        return model.global_pool == "token" and getattr(model, "attn_pool", None) is None
+        has_class = self.has_class_token(model)
+        return has_class and model.global_pool == "token" and getattr(model, "attn_pool", None) is None
 
     def tokens_of(self, block_output: object) -> int:
         return block_output.shape[1]
