@@ -24,6 +24,7 @@ class Options:
     size_weighted: bool = False
     keep_norm: bool | None = None  # None: the library's default, on for merge with proportional attention
     prop_attn: bool | None = None  # None: the library's default, on for merge and bipartite
+    score: str = "cls"  # or "received": the attention each token receives, mean over heads and size-weighted queries
 
     def __post_init__(self) -> None:
         if self.prop_attn is None:
@@ -64,7 +65,11 @@ def reference_reduce(
     k = kept(n, keep_rate)
     if k >= n:
         return x, sizes
-    scores = probs[:, 0, :].mean(dim=0)  # the class token's row, averaged over heads
+    if opt.score == "cls":
+        scores = probs[:, 0, :].mean(dim=0)  # the class token's row, averaged over heads
+    else:  # every query's row, each query counted as the patches it holds, averaged over queries and heads
+        weights = torch.tensor(sizes) / sum(sizes)
+        scores = (probs * weights[None, :, None]).sum(dim=1).mean(dim=0)
     keep = sorted(torch.topk(scores[num_prefix:], k).indices.tolist())
     rest = [i for i in range(n) if i not in keep]
     targets = [num_prefix + j for j in keep]
@@ -203,6 +208,10 @@ def reference_logits(
         if model.global_pool == "avg":
             weights = torch.tensor(sizes[prefix:]).unsqueeze(-1)
             pooled = (x[prefix:] * weights).sum(0) / weights.sum()
+            outputs.append(model.head(model.fc_norm(pooled)))
+        elif model.attn_pool is not None:  # attention pooling over every patch: each token repeated as it holds
+            counts_of = torch.tensor([round(s) for s in sizes[prefix:]])
+            pooled = model.attn_pool(x[prefix:].repeat_interleave(counts_of, dim=0)[None])[0]
             outputs.append(model.head(model.fc_norm(pooled)))
         else:
             outputs.append(model.forward_head(x[None])[0])

@@ -120,7 +120,11 @@ def test_hugging_face_models_calibrate() -> None:
     [
         (torch.zeros(0, *SIZE), ValueError, "no images"),
         ([], ValueError, "no images"),
-        (torch.zeros(4, 3, 16, 16), ValueError, r"are \(3, 16, 16\) but the model takes \(3, 32, 32\)"),
+        (
+            torch.zeros(4, 3, 16, 16),
+            ValueError,
+            r"data images \(3, 16, 16\) \(C, H, W\): the model is built for \(3, 32, 32\) and does not take",
+        ),
         (torch.zeros(4, 32, 32), ValueError, r"\[N, C, H, W\]"),
         (torch.zeros(4, *SIZE, dtype=torch.uint8), ValueError, "normalised float"),
         ("images/", TypeError, "data must be a float tensor"),
