@@ -28,6 +28,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 IMAGENET_METHODS = [
     *("paper", "nonorm", "default", "drop", "fuse", "tome"),
-    *("rule_nonorm", "rule", "calibrated", "keep0.7"),
+    *("rule_nonorm", "rule", "rule_received", "rule_received_same", "calibrated", "keep0.7"),
 ]
 METHOD_LABELS = {
     "unpatched": "unpatched",
@@ -231,6 +232,8 @@ METHOD_LABELS = {
     "tome": "ToMe schedule (bipartite, constant r)",
     "rule": "flops= rule",
     "rule_nonorm": "flops= rule, keep_norm=False",
+    "rule_received": "flops= rule, score='received'",
+    "rule_received_same": "flops= rule's plan, score='received'",
     "calibrated": "calibrate(flops=)",
     "keep0.7": "patch(model, keep_rate=0.7)",
 }
@@ -347,7 +350,7 @@ class BudgetFit:
         self.model, self.input_size = model, input_size
         self.depth = len(model.blocks)
         self.prefix = model.num_prefix_tokens
-        self.flops = flop_model(model, input_size, self.prefix)
+        self.flops = flop_model(tm.describe(model, input_size))
         self.num_tokens = self.flops.num_tokens
 
     def estimate(self, layers: Sequence[int], rates: Sequence[float], method: str) -> float:
@@ -640,8 +643,13 @@ def imagenet_main(argv: list[str]) -> list[dict]:
                 model.to(device)
                 measure(key, budget, report, fraction, rates_text=f"r={r}")
                 continue
-            elif key in ("rule", "rule_nonorm"):
-                tm.patch(model, flops=budget, keep_norm=False if key == "rule_nonorm" else None)
+            elif key in ("rule", "rule_nonorm", "rule_received"):
+                score = "received" if key == "rule_received" else None  # received: solved with its own cost counted
+                tm.patch(model, flops=budget, keep_norm=False if key == "rule_nonorm" else None, score=score)
+                report, fraction = fit.count()
+            elif key == "rule_received_same":  # the class-score rule's very plan, scored by received attention
+                tm.patch(model, flops=budget)
+                tm.patch(model, config=replace(tm.patch_config(model), score="received"))
                 report, fraction = fit.count()
             else:  # calibrated
                 tm.unpatch(model)

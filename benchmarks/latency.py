@@ -144,7 +144,7 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict
     flops["oracle"] = oracle_flops(oracle, example)
     # ToMe-style: the smallest constant r whose FLOPs (fitted estimate, then counted) are at most the patched model's
     prefix, tokens, depth = base.num_prefix_tokens, counts[0], len(base.blocks)
-    estimate = flop_model(base, example.shape[1:], prefix)
+    estimate = flop_model(tm.describe(base, tuple(example.shape[1:])))
 
     def tome_rates(r: int) -> tuple[float, ...]:
         return tome_keep_rates(tokens, prefix, range(depth), r)

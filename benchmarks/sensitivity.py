@@ -144,7 +144,7 @@ class Runner:
         self.model, self.images, self.batch_size, self.device = model, images, batch_size, device
         tm.unpatch(model)
         self.input_size = (3, *model.patch_embed.img_size)
-        self.flops: FlopModel = flop_model(model.cpu(), self.input_size, model.num_prefix_tokens)
+        self.flops: FlopModel = flop_model(tm.describe(model.cpu(), self.input_size))
         self.full = self.flops.total
         self.reference = self._log_probs()
 
