@@ -6,7 +6,8 @@
 Random weights at realistic shapes (FLOPs and speed do not depend on the weights; no accuracy is claimed). The
 prefill of one image and a 64-token text prompt (tower, projector, and the language model over every prompt
 token, logits of the last one: what ``generate`` runs before its first new token) is timed for the unpatched
-model and for 288 / 144 / 64 image tokens with merge (this library's default), drop and ToMe-style bipartite
+model and for 288 / 144 / 64 image tokens with merge (this library's default: one reduction in the layer the LLM
+reads), merge in steps from a quarter of the tower on (fewer tower FLOPs too), drop and ToMe-style bipartite
 matching, all variants in interleaved rounds (speedups are medians of per-round ratios), next to their FLOPs
 (``count_flops`` for the image side, the analytic count for the prefill, checked against fvcore in the run). Plus
 the time to first token of ``generate``, the reduction's own time inside the tower (timed around the library's
@@ -35,6 +36,7 @@ from tokenmerge_patch.patch import TokenMergeState
 from tokenmerge_patch.timing import Variant, interleaved_timings, synchronize
 
 IMAGE = 151_000  # the image placeholder id (inside the vocabulary)
+METHODS = ("merge", "merge-early", "drop", "bipartite")
 FULL = dict(size=336, patch=14, width=768, depth=12, heads=12, llm="qwen2-0.5b", text=64, rounds=7)
 QUICK = dict(size=112, patch=14, width=192, depth=6, heads=3, llm="tiny", text=16, rounds=2)
 LLMS = {
@@ -98,15 +100,18 @@ def halvings(full: int, tokens: int) -> int:
 
 def configure(model: torch.nn.Module, method: str, tokens: int, full: int) -> None:
     """The variant: unpatched, or ``tokens`` image tokens by ``method`` (merge, drop: one reduction in the layer the
-    LLM reads; bipartite: the fewest layers that reach ``tokens``, ending there)."""
+    LLM reads; merge-early: merge in geometric steps from a quarter of the tower to that layer; bipartite: the fewest
+    layers that reach ``tokens``, ending there)."""
     tm.unpatch(model)
     if method == "unpatched":
         return
-    layers = None
+    depth = len(model.model.vision_tower.encoder.layers)
+    read, layers = depth - 2, None  # LLaVA reads the second-to-last layer
     if method == "bipartite":
-        read = len(model.model.vision_tower.encoder.layers) - 2
         steps = halvings(full, tokens)
         layers = tuple(range(read - steps + 1, read + 1))
+    elif method == "merge-early":  # geometric steps from the first quarter of the tower on: tower FLOPs saved too
+        layers, method = tuple(range(depth // 4, read + 1)), "merge"
     tm.patch(model, visual_tokens=tokens, method=method, layers=layers)
 
 
@@ -136,38 +141,45 @@ class ReductionClock:
         TokenMergeState.reduce = self._reduce
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, two rounds (writes vlm_quick.*)")
-    parser.add_argument(
-        "--tokens", default=None, help="image tokens per image to compare (default 288,144,64; quick 32,16,8)"
-    )
-    parser.add_argument("--methods", default="merge,drop,bipartite")
+    parser.add_argument("--tokens", default=None, help="image tokens to compare (default 288,144,64; quick 32,16,8)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=", ".join(METHODS))
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--stem", default=None)
+    parser.add_argument("--stem", default=None, help="output file name (default vlm, or vlm_quick for other runs)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    full_run = not args.quick and args.tokens is None and args.methods == ",".join(METHODS)
+    full_run = full_run and args.rounds is None and args.device == "cpu" and args.dtype == "fp32"
+    args.stem = output_stem(args.stem, "vlm", full=full_run)
+    args.tokens = [int(t) for t in (args.tokens or ("32,16,8" if args.quick else "288,144,64")).split(",")]
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     shape = dict(QUICK if args.quick else FULL)
     rounds = args.rounds or shape["rounds"]
     threads = set_threads(args.threads)
     device = pick_device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    tokens_given = args.tokens
-    args.tokens = args.tokens or ("32,16,8" if args.quick else "288,144,64")
-    full_run = not args.quick and tokens_given is None and args.methods == "merge,drop,bipartite"
-    full_run = full_run and args.rounds is None and args.device == "cpu" and args.dtype == "fp32"
-    stem = output_stem(args.stem, "vlm", full=full_run)
+    stem = args.stem
     progress = not args.no_progress
 
     model = build(shape).to(device, dtype)
     full = tm.visual_token_count(model)
-    counts = [int(t) for t in args.tokens.split(",") if int(t) < full]
-    methods = [m for m in args.methods.split(",") if m]
+    counts = [tokens for tokens in args.tokens if tokens < full]
+    methods = args.methods
     text_config = model.config.text_config
     images = torch.randn(1, 3, shape["size"], shape["size"], generator=torch.Generator().manual_seed(0))
     images = images.to(device, dtype)

@@ -63,6 +63,26 @@ def test_flops_quick_run(tmp_path: Path) -> None:
     assert (tmp_path / "flops_quick.png").stat().st_size > 10_000
 
 
+def test_vlm_quick_run(tmp_path: Path) -> None:
+    """The VLM benchmark's quick run: vlm_quick.* next to (a copy of) the committed results, FLOPs that fall with
+    the image tokens, and the committed names left alone."""
+    pytest.importorskip("transformers")
+    vlm = load("vlm")
+    copies = committed_copy(tmp_path)
+    argv = ["--quick", "--rounds", "1", "--tokens", "16", "--methods", "merge,bipartite", "--no-progress"]
+    rows = vlm.main([*argv, "--out", str(tmp_path)])
+    assert [(row["method"], row["image tokens"]) for row in rows] == [
+        ("unpatched", 64),
+        ("merge", 16),
+        ("bipartite", 16),
+    ]
+    assert rows[1]["LLM prefill GFLOPs"] < rows[0]["LLM prefill GFLOPs"] and rows[1]["FLOPs ratio"] > 1
+    assert rows[1]["reduction ms"] is not None and rows[0]["reduction ms"] is None
+    for suffix in ("csv", "md", "png"):
+        assert (tmp_path / f"vlm_quick.{suffix}").is_file()
+    assert_untouched(tmp_path, copies)
+
+
 @pytest.mark.parametrize(
     ("script", "expected"),
     [
@@ -114,6 +134,8 @@ OUTPUTS = [
     ("latency", ["--runtimes", "eager"], ["latency_quick"]),
     ("sensitivity", [], ["sensitivity"]),
     ("sensitivity", ["--quick"], ["sensitivity_quick"]),
+    ("vlm", ["--quick"], ["vlm_quick"]),
+    ("vlm", ["--tokens", "144"], ["vlm_quick"]),
     ("sensitivity", ["--images", "100"], ["sensitivity_quick"]),
     ("merge_pictures", [], ["merge_groups_mnist", "merge_groups_photos"]),
     ("merge_pictures", ["--keep-rate", "0.3"], ["merge_groups_mnist_quick", "merge_groups_photos_quick"]),

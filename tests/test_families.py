@@ -329,7 +329,9 @@ def test_clip_merge_pictures_export_and_finetune_use_the_image_side(images: Tens
 # -- still refused: SigLIP has no class token ---------------------------------------------------------------------
 
 
-def test_siglip_is_refused_clearly_and_untouched() -> None:
+def test_siglip_patches_by_received_attention_and_refuses_the_class_score() -> None:
+    """SigLIP has no class token: it patches with score='received' (its default); asking for the class score is
+    refused, the model untouched."""
     vision = dict(**COMMON, intermediate_size=64)
     models = [
         SiglipVisionModel(SiglipVisionConfig(**vision)),
@@ -337,9 +339,10 @@ def test_siglip_is_refused_clearly_and_untouched() -> None:
     ]
     for model in models:
         before = _snapshot(model)
-        with pytest.raises(TypeError, match=r"got Siglip\w*Model \(SigLIP vision towers have no class token"):
-            tm.patch(model, layers=(1,), keep_rate=0.5)
+        with pytest.raises(ValueError, match=r"has no class token .* patch it with score='received'"):
+            tm.patch(model, layers=(1,), keep_rate=0.5, score="cls")
         assert not tm.is_patched(model) and _snapshot(model) == before
+        assert tm.patch_config(tm.patch(model, layers=(1,), keep_rate=0.5)).score == "received"
 
 
 def test_swin_and_sam_are_refused_clearly_and_untouched() -> None:

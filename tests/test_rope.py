@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from tiny_models import assert_patch_refused, assert_untouched, model_snapshot, perturb
+from tiny_models import assert_untouched, model_snapshot, perturb
 from torch import Tensor, nn
 
 import tokenmerge_patch as tm
@@ -373,13 +373,21 @@ def test_count_flops_per_block(flavour: str) -> None:
     assert abs(report.analytic / report.total - 1) < 0.05
 
 
-def test_refuses_models_without_a_class_token() -> None:
+def test_models_without_a_class_token_refuse_only_the_class_score() -> None:
     rope_gap = timm.create_model("vit_base_patch16_rope_reg1_gap_256", **SMALL)
     siglip = timm.create_model(
         "vit_base_patch16_siglip_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
     )
     for model in (rope_gap, siglip):
-        assert_patch_refused(model, ValueError, "no class token")
+        before = model_snapshot(model)
+        with pytest.raises(ValueError, match="no class token"):
+            tm.patch(model, score="cls")
+        assert_untouched(model, before)
+        x = torch.randn(2, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = model(x)
+            tm.patch(model, keep_rate=1.0)  # received attention, the default here: keep 1.0 is exact
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
 def test_refuses_post_norm_blocks() -> None:
@@ -555,17 +563,6 @@ def test_hf_torch_export() -> None:
     with torch.no_grad():
         got = exported.module()(y)
         assert (got["last_hidden_state"] - hf(y).last_hidden_state).abs().max() <= 1e-5
-
-
-def test_hf_siglip_is_refused() -> None:
-    transformers = pytest.importorskip("transformers", minversion="5")
-    config = transformers.SiglipVisionConfig(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
-    model = transformers.SiglipVisionModel(config)
-    with pytest.raises(TypeError, match="DINOv3ViTModel"):
-        tm.patch(model)
-    assert not tm.is_patched(model)
 
 
 def test_features_only_dinov3_backbone_gives_unmerged_maps() -> None:

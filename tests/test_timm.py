@@ -307,13 +307,15 @@ def test_bad_input_leaves_model_untouched(kwargs, error, message, already_patche
         assert torch.equal(model(images), expected)
 
 
-def test_model_without_class_token() -> None:
+def test_model_without_class_token_refuses_the_class_score() -> None:
     model = VisionTransformer(
         img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, class_token=False, global_pool="avg"
     )
-    with pytest.raises(ValueError, match="no class token"):
-        tm.patch(model)
-    assert not tm.is_patched(model)
+    for options in (dict(score="cls"), dict(merge_into_cls=True, score="cls")):
+        with pytest.raises(ValueError, match="no class token"):
+            tm.patch(model, **options)
+        assert not tm.is_patched(model)
+    assert tm.patch_config(tm.patch(model)).score == "received"  # the default where there is no class token
 
 
 def test_unsupported_models_are_named() -> None:

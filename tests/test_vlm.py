@@ -180,6 +180,13 @@ def test_bad_visual_tokens_are_refused_and_the_model_untouched(kwargs: dict, err
     assert tm.visual_token_count(model) == 32
 
 
+def test_calibrate_refuses_a_vlm_clearly() -> None:
+    model = llava()
+    with pytest.raises(TypeError, match="patch it with visual_tokens"):
+        tm.calibrate(model, pixels(4), flops=0.7)
+    assert not tm.is_patched(model)
+
+
 def test_visual_tokens_on_a_plain_vit_is_refused() -> None:
     model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION, intermediate_size=64))
     with pytest.raises(ValueError, match="applies to vision-language models"):

@@ -358,6 +358,11 @@ def calibrate(
 
     info = describe(model)
     model, backend, depth = info.model, info.backend, info.depth
+    if backend.name == "hf-vlm":
+        raise TypeError(
+            f"calibrate keeps a classifier's or an embedding model's outputs; {type(model).__name__} answers with its "
+            "language model, which a search on images alone cannot judge: patch it with visual_tokens=K (or flops=)"
+        )
     fraction = check_fraction(flops, "flops")
     for name, value in (("images", images), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:

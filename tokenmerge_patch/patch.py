@@ -516,13 +516,9 @@ def token_counts(model: nn.Module, example: Tensor) -> list[int]:
         block.register_forward_hook(lambda _m, _i, out: counts.append(info.backend.tokens_of(out)))
         for block in info.backend.blocks(info.model)
     ]
-    state = _state(info.model)
-    records = None if state is None else state.records
     try:
         info.images(example)
     finally:
-        if state is not None:  # counting is not a forward the trace should report
-            state.records = records
         for handle in handles:
             handle.remove()
     return counts
