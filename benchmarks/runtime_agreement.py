@@ -23,12 +23,12 @@ to a tie it was: for a selection, the relative spread of the class-attention sco
 (``(max - min) / max``; for ``bipartite``, of their best-match similarities); for an assignment, the cosine gap
 between the token's best and second-best target (``bipartite``: best and second-best B token).
 
-**Tie rules** (second table, eager only): would ranking by scores rounded to a relative grid (``2**-bits``
-significant bits, ties to the lower index; similarities likewise, ties to the lower target) keep decisions from
-changing under small perturbations? Each rule runs on clean images and on perturbed ones: batch 1 instead of 16
-(the kernels' own rounding), and Gaussian input noise of std ``sigma`` (in normalised pixels; 1e-6 moves the
-unpatched model's logits about as much as the runtimes above do). Counted: images whose decisions change, and the
-accuracy of the rule on clean images (top-1 on both halves of the classes, agreement with the unpatched model).
+**Tie rules** (second table, eager only): would ranking by scores rounded to a relative grid (``bits`` significant
+bits, a step of ``2**-bits`` to ``2**(1 - bits)`` of the value; ties to the lower index; similarities likewise, ties
+to the lower target) keep decisions from changing under small perturbations? Each rule runs on clean images and on
+perturbed ones: batch 1 instead of 16 (the kernels' own rounding), and Gaussian input noise of std ``sigma`` (in
+normalised pixels). Counted: images whose decisions change, and the accuracy of the rule on clean images (top-1 on
+both halves of the classes, agreement with the unpatched model).
 
 Writes ``runtime_agreement.{csv,md,png}`` for the full run; ``--quick`` or any other setting writes
 ``runtime_agreement_quick.*`` unless ``--stem`` names the files.
@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import tokenmerge_patch as tm
+from tokenmerge_patch.budget import tome_keep_rates
 from tokenmerge_patch.data import evenly_spaced, load_imagenet, split_by_class, to_tensor_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,7 +79,10 @@ PLANS: dict[str, dict | None] = {
     "flops=0.5": dict(flops=0.5),
     "flops=0.65": dict(flops=0.65),
     "keep_rate=0.7": dict(keep_rate=0.7),
-    "bipartite flops=0.5": dict(flops=0.5, method="bipartite"),
+    # ToMe's schedule at half the FLOPs (0.498; benchmarks/accuracy.py --imagenet): r=16 tokens merged in every block
+    "ToMe r=16": dict(
+        layers=list(range(12)), keep_rate=list(tome_keep_rates(197, 1, range(12), 16)), method="bipartite"
+    ),
 }
 RUNTIMES = ("eager", "compile", "onnxruntime")
 THREADS = {"eager": (1, 2), "compile": (2,), "onnxruntime": (1, 2)}
@@ -449,12 +453,13 @@ MARGIN_COLUMNS = [
 
 # -- tie rules ------------------------------------------------------------------------------------------------------
 def rounded(values: Tensor, bits: int) -> Tensor:
-    """``values`` rounded to ``bits`` significant bits: a relative grid of ``2**-bits``.
+    """``values`` rounded to ``bits`` significant bits: a relative grid, its step ``2**-bits`` to ``2**(1 - bits)``
+    of the value.
 
-    >>> rounded(torch.tensor([1.0, 1.2, 1.26, -0.3]), 2)
+    >>> rounded(torch.tensor([1.0, 1.2, 1.26, -0.3]), 3)
     tensor([ 1.0000,  1.2500,  1.2500, -0.3125])
     """
-    mantissa, exponent = torch.frexp(values)
+    mantissa, exponent = torch.frexp(values)  # values = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
     return torch.ldexp(torch.round(mantissa * 2**bits) / 2**bits, exponent)
 
 
@@ -642,6 +647,17 @@ def plot(rows: list[dict], rules: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class Results:
+    """What a run has measured so far (written after every plan, so a long run that stops keeps what it did)."""
+
+    rows: list[dict] = field(default_factory=list)
+    margins: list[dict] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+    rules: list[dict] = field(default_factory=list)
+    accuracy: list[dict] = field(default_factory=list)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if not (args.model_dir / "model.safetensors").is_file():
@@ -649,33 +665,58 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     threads_before = torch.get_num_threads()
     base = load_imagenet_model(args.model_dir)
+    for plan in dict.fromkeys(args.plans + args.rule_plans):  # a plan the model cannot take fails now, not in an hour
+        if PLANS[plan] is not None:
+            tm.patch(copy.deepcopy(base), **PLANS[plan])
     dataset = load_imagenet(args.data, image_size=tuple(base.patch_embed.img_size))
     chosen = evenly_spaced(range(len(dataset)), args.images)
     images, labels = to_tensor_dataset(dataset, chosen, desc=f"decode {len(chosen)} images").tensors
-    rows, margins, checks, rules, accuracy = [], [], [], [], []
+    files = [Path(dataset.samples[index][0]).name for index in chosen]
+    results = Results()
+
+    def write(done: bool) -> str:
+        return write_report(args, results, labels, dataset.class_names, files, time.perf_counter() - started, done)
+
     with tempfile.TemporaryDirectory() as folder:
         for plan in tqdm(args.plans, desc="plans"):
             plan_rows, plan_margins, plan_checks = measure_plan(plan, base, images, args, Path(folder))
-            rows += plan_rows
-            margins += [plan_margins] if plan_margins else []
-            checks += [f"{plan}, {runtime}: {value:.1e}" for runtime, value in plan_checks.items()]
+            results.rows += plan_rows
+            results.margins += [plan_margins] if plan_margins else []
+            results.checks += [f"{plan}, {runtime}: {value:.1e}" for runtime, value in plan_checks.items()]
+            write(done=False)
     if args.rule_plans:
         unpatched = reference_run(base, images).logits
         for plan in args.rule_plans:
             model = tm.patch(copy.deepcopy(base), **PLANS[plan])
             plan_rules, plan_accuracy = tie_rule_table(plan, model, images, labels, unpatched, args)
-            rules += plan_rules
-            accuracy += plan_accuracy
+            results.rules += plan_rules
+            results.accuracy += plan_accuracy
+            write(done=False)
     torch.set_num_threads(threads_before)
-    seconds = time.perf_counter() - started
+    print(write(done=True))
+    print(f"\nwrote {args.out}/{args.stem}.csv, .md{'' if args.no_plot else ', .png'}")
+    return results.rows + results.rules + results.accuracy
+
+
+def write_report(
+    args: argparse.Namespace,
+    results: Results,
+    labels: Tensor,
+    names: list[str],
+    files: list[str],
+    seconds: float,
+    done: bool,
+) -> str:
+    """Write ``{stem}.md``, ``.csv`` and ``.png`` from what was measured so far; returns the markdown."""
+    rows, rules = results.rows, results.rules
     unexplained = sum(row.get("unexplained", 0) for row in rows)
-    files = [Path(dataset.samples[index][0]).name for index in chosen]
-    divergent = divergent_images(rows, labels, dataset.class_names, files)
+    divergent = divergent_images(rows, labels, names, files)
     formats = {"median |Δ|": "{:.1e}", "max |Δ|": "{:.1e}", f"> {TOLERANCE:g} %": "{:.1f}"}
     formats |= {"largest margin": "{:.1e}", "repeat |Δ|": "{:.1e}", "margin": "{:.1e}", "differ %": "{:.1f}"}
+    margin_formats = {k: "{:.1e}" for k in MARGIN_COLUMNS if "median" in k or "small" in k}
     text = "\n\n".join(
         [
-            f"## Runtime agreement: the real DeiT-T on {len(images)} ImageNet images of ../shared",
+            f"## Runtime agreement: the real DeiT-T on {len(labels)} ImageNet images of ../shared",
             f"`python benchmarks/runtime_agreement.py{' --quick' if args.quick else ''}`. Reference: eager PyTorch, 1 "
             "thread, batch 16. |Δ|: per image, the largest absolute logit difference from the reference. 'decisions "
             "differ': images where some reducing block kept other tokens (selection) or merged a token elsewhere "
@@ -683,36 +724,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "margin': the largest reference margin among those first differing decisions (selection: relative score "
             "spread of the swapped tokens; assignment: cosine gap between best and second-best target); 'repeat "
             "|Δ|': the same setting run a second time. compile: torch.compile(dynamic=False), 2 threads. ONNX "
-            "Runtime: the file tm.export_onnx writes (dynamic batch), CPU provider.",
+            "Runtime: the file tm.export_onnx writes (dynamic batch), CPU provider."
+            + ("" if done else " **Partial: the run has not finished.**"),
             markdown_table(rows, COLUMNS, formats),
             f"Images over {TOLERANCE:g} whose decisions all matched the reference's: {unexplained}. The decisions of "
             "compiled and exported runs come from graphs that also return them; their logits against the plain "
-            "graphs' (2 threads, batch 16, first 64 images), max |Δ|: " + ("; ".join(checks) or "not run") + ".",
+            "graphs' (2 threads, batch 16, first 64 images), max |Δ|: "
+            + ("; ".join(results.checks) or "not run")
+            + ".",
             "### Every image whose decisions differ somewhere",
             markdown_table(divergent, DIVERGENT_COLUMNS, formats) if divergent else "(none)",
             "### How close to ties the reference's decisions come (every image and reducing block)",
-            markdown_table(
-                margins, MARGIN_COLUMNS, {k: "{:.1e}" for k in MARGIN_COLUMNS if "median" in k or "small" in k}
-            )
-            if margins
-            else "(no patched plan)",
+            markdown_table(results.margins, MARGIN_COLUMNS, margin_formats) if results.margins else "(no patched plan)",
             "### Tie rules: images whose decisions change under a perturbation (eager, 1 thread)",
             markdown_table(rules, RULE_COLUMNS, formats) if rules else "(not run)",
-            markdown_table(accuracy, ACCURACY_COLUMNS, {k: "{:.1f}" for k in ACCURACY_COLUMNS[2:]}) if accuracy else "",
+            markdown_table(results.accuracy, ACCURACY_COLUMNS, {k: "{:.1f}" for k in ACCURACY_COLUMNS[2:]})
+            if results.accuracy
+            else "",
             f"torch {torch.__version__}, onnxruntime {_onnxruntime_version()}; whole run {seconds:.0f} s "
             f"({seconds / 60:.1f} min).",
         ]
     )
-    print(text)
     table = [{"table": "runtimes", **row} for row in rows] + [{"table": "divergent", **d} for d in divergent]
-    table += [{"table": "margins", **m} for m in margins] + [{"table": "tie rules", **r} for r in rules]
-    table += [{"table": "tie-rule accuracy", **a} for a in accuracy]
+    table += [{"table": "margins", **m} for m in results.margins] + [{"table": "tie rules", **r} for r in rules]
+    table += [{"table": "tie-rule accuracy", **a} for a in results.accuracy]
     columns = ["table", *dict.fromkeys(COLUMNS + DIVERGENT_COLUMNS + MARGIN_COLUMNS + RULE_COLUMNS + ACCURACY_COLUMNS)]
     write_outputs(args.out, args.stem, table, columns, text)
-    if not args.no_plot:
+    if not args.no_plot and rows:
         plot(rows, rules, args.out / f"{args.stem}.png")
-    print(f"\nwrote {args.out}/{args.stem}.csv, .md{'' if args.no_plot else ', .png'} in {seconds:.0f} s")
-    return rows + rules + accuracy
+    return text
 
 
 def _onnxruntime_version() -> str:

@@ -110,3 +110,26 @@ def test_divergence_finds_the_first_differing_decision_and_its_margin(agreement)
     assert found[1][2] == pytest.approx(0.01 / 0.26)  # tokens 1 and 2 swapped: their score spread
     assert found[2][2] == pytest.approx(5e-6)  # patch 2 sat in the first block's output token 3
     assert agreement.divergence(reference, reference, 1, "merge") == [None] * 3
+
+
+def test_rounded_tie_rule_by_hand(agreement) -> None:
+    """The rule the benchmark tries: scores rounded to a relative grid, equal ones ranked by index. A perturbation
+    within a grid cell leaves the choice alone; one across a cell boundary, however small, flips it (the boundary
+    moved to the grid, it did not go away)."""
+    reduce = sys.modules["tokenmerge_patch.reduce"]
+    assert agreement.rounded(torch.tensor([1.0, 1.2, 1.26, -0.3, 0.0]), 3).tolist() == [1.0, 1.25, 1.25, -0.3125, 0.0]
+
+    def crucial(scores: list[float]) -> list[int]:
+        return reduce.split_crucial(torch.tensor([scores]), 2)[0][0].tolist()
+
+    assert crucial([0.30, 0.2001, 0.2002, 0.1]) == [0, 2]  # exact scores: token 2 is higher
+    with agreement.tie_rule(4):  # 4 significant bits: 0.1953125 <= s < 0.2109375 all round to 0.203125
+        assert crucial([0.30, 0.2001, 0.2002, 0.1]) == [0, 1]  # one cell: the lower index
+        assert crucial([0.30, 0.2001, 0.2100, 0.1]) == [0, 1]  # token 2 moved within the cell: unchanged
+        assert crucial([0.30, 0.19532, 0.2002, 0.1]) == [0, 1]
+        assert crucial([0.30, 0.19530, 0.2002, 0.1]) == [0, 2]  # token 1 down by 2e-5, across the boundary
+        # assignments alike: similarities 0.600 and 0.608 round to 0.625, the lower target wins
+        token, targets = torch.tensor([[[0.60, 0.31]]]), torch.tensor([[[1.0, 0.0], [0.6, 0.8]]])
+        assert reduce.cosine_assignment(token, targets).tolist() == [[0]]
+    assert reduce.cosine_assignment(token, targets).tolist() == [[1]]  # exact: 0.608 > 0.600
+    assert crucial([0.30, 0.2001, 0.2002, 0.1]) == [0, 2]  # the library's rule is back
