@@ -3,6 +3,7 @@ real images, and where a disagreement starts.
 
     python benchmarks/runtime_agreement.py           # 1000 images, 4 plans and unpatched (about 2 h on 2 cores)
     python benchmarks/runtime_agreement.py --quick   # 16 images, keep_rate=0.7, eager only: runtime_agreement_quick.*
+    python benchmarks/runtime_agreement.py --resume  # a run that stopped: keep what its files hold, run the rest
 
 (On a shared machine, ``OMP_WAIT_POLICY=PASSIVE`` keeps PyTorch's idle threads from spinning in the 2-thread runs; it
 changes their speed, not their results.)
@@ -27,8 +28,12 @@ between the token's best and second-best target (``bipartite``: best and second-
 bits, a step of ``2**-bits`` to ``2**(1 - bits)`` of the value; ties to the lower index; similarities likewise, ties
 to the lower target) keep decisions from changing under small perturbations? Each rule runs on clean images and on
 perturbed ones: batch 1 instead of 16 (the kernels' own rounding), and Gaussian input noise of std ``sigma`` (in
-normalised pixels). Counted: images whose decisions change, and the accuracy of the rule on clean images (top-1 on
-both halves of the classes, agreement with the unpatched model).
+normalised pixels). Counted: images whose decisions change, how far the logits move (median: the smooth response to
+the perturbation; largest: where a decision changed), and the accuracy of the rule on clean images (top-1 on both
+halves of the classes, agreement with the unpatched model; nothing is fitted, so both halves are held out).
+
+Results are written after every plan. ``--resume`` reads the ``{stem}.csv`` and ``.md`` a stopped run of the same
+settings wrote, keeps every plan (and tie-rule plan) they hold and measures only the others; the files then say so.
 
 Writes ``runtime_agreement.{csv,md,png}`` for the full run; ``--quick`` or any other setting writes
 ``runtime_agreement_quick.*`` unless ``--stem`` names the files.
@@ -39,8 +44,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import csv
 import io
 import math
+import re
 import sys
 import tempfile
 import time
@@ -124,7 +131,17 @@ COLUMNS = [
     "largest margin",
     "repeat |Δ|",
 ]
-RULE_COLUMNS = ["plan", "rule", "perturbation", "images", "decisions differ", "differ %", f"> {TOLERANCE:g}", "top-1"]
+RULE_COLUMNS = [
+    "plan",
+    "rule",
+    "perturbation",
+    "images",
+    "decisions differ",
+    "differ %",
+    "median |Δ|",
+    "max |Δ|",
+    "top-1",
+]
 ACCURACY_COLUMNS = ["plan", "rule", "top-1 % (odd classes)", "top-1 % (even classes)", "agree %"]
 
 
@@ -143,6 +160,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--stem", default=None, help="output file stem (default runtime_agreement, or *_quick)")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the plans a stopped run of these settings wrote, run the rest"
+    )
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.images = args.images if args.images is not None else preset["images"]
@@ -526,7 +546,8 @@ def tie_rule_table(
                     "images": len(images),
                     "decisions differ": int(differ.sum()),
                     "differ %": 100 * float(differ.float().mean()),
-                    f"> {TOLERANCE:g}": int((difference > TOLERANCE).sum()),
+                    "median |Δ|": float(difference.median()),
+                    "max |Δ|": float(difference.max()),
                     "top-1": int((other.logits.argmax(1) != top1).sum()),
                 }
             )
@@ -610,15 +631,17 @@ DIVERGENT_COLUMNS = ["plan", "image", "class", "first block", "kind", "margin", 
 
 
 def plot(rows: list[dict], rules: list[dict], path: Path) -> None:
-    """Left: per-image logit differences of every setting for the first patched plan. Right: the tie rules."""
+    """Left: per-image logit differences of every setting for the first patched plan measured in this process (rows
+    kept by ``--resume`` have only their summaries). Right: the tie rules."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    plan = next((r["plan"] for r in rows if r["plan"] != "unpatched"), rows[0]["plan"] if rows else "")
-    for row in (r for r in rows if r["plan"] == plan):
+    measured = [r for r in rows if "differences" in r]
+    plan = next((r["plan"] for r in measured if r["plan"] != "unpatched"), measured[0]["plan"] if measured else "")
+    for row in (r for r in measured if r["plan"] == plan):
         values = row["differences"].sort().values.clamp_min(1e-9)
         share = torch.arange(1, len(values) + 1) / len(values)
         label = f"{row['runtime']}, {row['threads']} thr, batch {row['batch']}"
@@ -656,6 +679,64 @@ class Results:
     checks: list[str] = field(default_factory=list)
     rules: list[dict] = field(default_factory=list)
     accuracy: list[dict] = field(default_factory=list)
+    # kept from a stopped run by --resume: its per-image lines, images over the tolerance with every decision the
+    # reference's, and how long it ran
+    divergent: list[dict] = field(default_factory=list)
+    unexplained: int = 0
+    seconds_before: float | None = None
+
+
+def _cell(text: str) -> object:
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text
+
+
+def resumed(args: argparse.Namespace, images: int) -> Results:
+    """What the stopped run of these settings wrote to ``{stem}.csv`` / ``.md``: every plan whose settings are all
+    there, every tie-rule plan with all its rules and perturbations."""
+    csv_path, md_path = args.out / f"{args.stem}.csv", args.out / f"{args.stem}.md"
+    if not (csv_path.is_file() and md_path.is_file()):
+        raise SystemExit(f"--resume: {csv_path} and {md_path.name} are not both there")
+    with open(csv_path, newline="") as handle:
+        lines = [{k: _cell(v) for k, v in line.items() if v != ""} for line in csv.DictReader(handle)]
+    text = md_path.read_text()
+    if any(line.get("images", images) != images for line in lines):
+        raise SystemExit(f"--resume: {csv_path} measured another number of images than {images}")
+    tables: dict[str, list[dict]] = {}
+    for line in lines:
+        tables.setdefault(line.pop("table"), []).append(line)
+    wanted = set(settings(args))
+    done = [
+        plan
+        for plan in args.plans
+        if {(r["runtime"], r["threads"], r["batch"]) for r in tables.get("runtimes", []) if r["plan"] == plan} == wanted
+    ]
+    rule_names = ["exact (the library)", *(f"rounded to 2^-{bits}" for bits in args.rule_bits)]
+    perturbations = ["batch 1", *(f"sigma={sigma:g}" for sigma in args.sigmas)]
+    rules_done = [
+        plan
+        for plan in args.rule_plans
+        if sorted((r["rule"], r["perturbation"]) for r in tables.get("tie rules", []) if r["plan"] == plan)
+        == sorted((rule, p) for rule in rule_names for p in perturbations)
+    ]
+    checks = re.search(r"first 64 images\), max \|Δ\|: (.*)\.$", text, re.MULTILINE)
+    unexplained = re.search(r"whose decisions all matched the reference's: (\d+)\.", text)
+    seconds = re.search(r"whole run (\d+) s", text)
+    if checks is None or unexplained is None or seconds is None:
+        raise SystemExit(f"--resume: {md_path} is not what this script writes")
+    kept = set(done)
+    return Results(
+        rows=[r for r in tables.get("runtimes", []) if r["plan"] in kept],
+        margins=[m for m in tables.get("margins", []) if m["plan"] in kept],
+        checks=[c for c in checks.group(1).split("; ") if c.split(",")[0] in kept],
+        rules=[r for r in tables.get("tie rules", []) if r["plan"] in rules_done],
+        accuracy=[a for a in tables.get("tie-rule accuracy", []) if a["plan"] in rules_done],
+        divergent=[d for d in tables.get("divergent", []) if d["plan"] in kept],
+        unexplained=int(unexplained.group(1)),
+        seconds_before=float(seconds.group(1)),
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -672,21 +753,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     chosen = evenly_spaced(range(len(dataset)), args.images)
     images, labels = to_tensor_dataset(dataset, chosen, desc=f"decode {len(chosen)} images").tensors
     files = [Path(dataset.samples[index][0]).name for index in chosen]
-    results = Results()
+    results = resumed(args, len(chosen)) if args.resume else Results()
+    plans = [p for p in args.plans if p not in {r["plan"] for r in results.rows}]
+    rule_plans = [p for p in args.rule_plans if p not in {r["plan"] for r in results.rules}]
+    if args.resume:
+        tqdm.write(
+            f"--resume: kept plans {sorted({r['plan'] for r in results.rows})}, tie rules of "
+            f"{sorted({r['plan'] for r in results.rules})}; measuring plans {plans}, tie rules of {rule_plans}"
+        )
 
     def write(done: bool) -> str:
         return write_report(args, results, labels, dataset.class_names, files, time.perf_counter() - started, done)
 
     with tempfile.TemporaryDirectory() as folder:
-        for plan in tqdm(args.plans, desc="plans"):
+        for plan in tqdm(plans, desc="plans"):
             plan_rows, plan_margins, plan_checks = measure_plan(plan, base, images, args, Path(folder))
             results.rows += plan_rows
             results.margins += [plan_margins] if plan_margins else []
             results.checks += [f"{plan}, {runtime}: {value:.1e}" for runtime, value in plan_checks.items()]
             write(done=False)
-    if args.rule_plans:
+    if rule_plans:
         unpatched = reference_run(base, images).logits
-        for plan in args.rule_plans:
+        for plan in rule_plans:
             model = tm.patch(copy.deepcopy(base), **PLANS[plan])
             plan_rules, plan_accuracy = tie_rule_table(plan, model, images, labels, unpatched, args)
             results.rules += plan_rules
@@ -708,9 +796,22 @@ def write_report(
     done: bool,
 ) -> str:
     """Write ``{stem}.md``, ``.csv`` and ``.png`` from what was measured so far; returns the markdown."""
-    rows, rules = results.rows, results.rules
-    unexplained = sum(row.get("unexplained", 0) for row in rows)
-    divergent = divergent_images(rows, labels, names, files)
+    order = {plan: i for i, plan in enumerate(PLANS)}
+    rows = sorted(results.rows, key=lambda r: order[r["plan"]])  # stable: kept plans and new ones in plan order
+    rules = sorted(results.rules, key=lambda r: order[r["plan"]])
+    accuracy = sorted(results.accuracy, key=lambda r: order[r["plan"]])
+    unexplained = results.unexplained + sum(row.get("unexplained", 0) for row in rows)
+    divergent = sorted(results.divergent + divergent_images(rows, labels, names, files), key=lambda d: order[d["plan"]])
+    margins = sorted(results.margins, key=lambda m: order[m["plan"]])
+    checks = sorted(results.checks, key=lambda c: order[c.split(",")[0]])
+    if results.seconds_before is None:
+        took = f"whole run {seconds:.0f} s ({seconds / 60:.1f} min)"
+    else:
+        total = results.seconds_before + seconds
+        took = (
+            f"whole run {total:.0f} s ({total / 60:.1f} min): {results.seconds_before:.0f} s in a run that stopped, "
+            f"{seconds:.0f} s in the `--resume` run that measured what it had not"
+        )
     formats = {"median |Δ|": "{:.1e}", "max |Δ|": "{:.1e}", f"> {TOLERANCE:g} %": "{:.1f}"}
     formats |= {"largest margin": "{:.1e}", "repeat |Δ|": "{:.1e}", "margin": "{:.1e}", "differ %": "{:.1f}"}
     margin_formats = {k: "{:.1e}" for k in MARGIN_COLUMNS if "median" in k or "small" in k}
@@ -729,25 +830,20 @@ def write_report(
             markdown_table(rows, COLUMNS, formats),
             f"Images over {TOLERANCE:g} whose decisions all matched the reference's: {unexplained}. The decisions of "
             "compiled and exported runs come from graphs that also return them; their logits against the plain "
-            "graphs' (2 threads, batch 16, first 64 images), max |Δ|: "
-            + ("; ".join(results.checks) or "not run")
-            + ".",
+            "graphs' (2 threads, batch 16, first 64 images), max |Δ|: " + ("; ".join(checks) or "not run") + ".",
             "### Every image whose decisions differ somewhere",
             markdown_table(divergent, DIVERGENT_COLUMNS, formats) if divergent else "(none)",
             "### How close to ties the reference's decisions come (every image and reducing block)",
-            markdown_table(results.margins, MARGIN_COLUMNS, margin_formats) if results.margins else "(no patched plan)",
+            markdown_table(margins, MARGIN_COLUMNS, margin_formats) if margins else "(no patched plan)",
             "### Tie rules: images whose decisions change under a perturbation (eager, 1 thread)",
             markdown_table(rules, RULE_COLUMNS, formats) if rules else "(not run)",
-            markdown_table(results.accuracy, ACCURACY_COLUMNS, {k: "{:.1f}" for k in ACCURACY_COLUMNS[2:]})
-            if results.accuracy
-            else "",
-            f"torch {torch.__version__}, onnxruntime {_onnxruntime_version()}; whole run {seconds:.0f} s "
-            f"({seconds / 60:.1f} min).",
+            markdown_table(accuracy, ACCURACY_COLUMNS, {k: "{:.1f}" for k in ACCURACY_COLUMNS[2:]}) if accuracy else "",
+            f"torch {torch.__version__}, onnxruntime {_onnxruntime_version()}; {took}.",
         ]
     )
     table = [{"table": "runtimes", **row} for row in rows] + [{"table": "divergent", **d} for d in divergent]
-    table += [{"table": "margins", **m} for m in results.margins] + [{"table": "tie rules", **r} for r in rules]
-    table += [{"table": "tie-rule accuracy", **a} for a in results.accuracy]
+    table += [{"table": "margins", **m} for m in margins] + [{"table": "tie rules", **r} for r in rules]
+    table += [{"table": "tie-rule accuracy", **a} for a in accuracy]
     columns = ["table", *dict.fromkeys(COLUMNS + DIVERGENT_COLUMNS + MARGIN_COLUMNS + RULE_COLUMNS + ACCURACY_COLUMNS)]
     write_outputs(args.out, args.stem, table, columns, text)
     if not args.no_plot and rows:

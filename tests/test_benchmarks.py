@@ -284,3 +284,9 @@ def test_runtime_agreement_quick_run(tmp_path: Path) -> None:
     text = (tmp_path / "runtime_agreement_quick.md").read_text()
     assert "| keep_rate=0.7 | eager | 2 | 2 | 4 |" in text and "How close to ties" in text
     assert (tmp_path / "runtime_agreement_quick.png").stat().st_size > 10_000
+    # --resume keeps every plan the files hold and measures nothing again: the same tables, the time of both runs
+    again = agreement.main([*argv, "--resume", "--no-plot"])
+    assert [r for r in again if "runtime" in r] == [
+        {k: v for k, v in r.items() if k in agreement.COLUMNS and v not in ("", None)} for r in rows if "runtime" in r
+    ]
+    assert "in a run that stopped" in (tmp_path / "runtime_agreement_quick.md").read_text()
