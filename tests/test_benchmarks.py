@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import MNIST_DIR, MNIST_MODEL, needs_shared
+from tiny_models import MNIST_DIR, MNIST_MODEL, SHARED, needs_shared
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RESULTS = BENCHMARKS / "results"
@@ -158,7 +158,7 @@ def test_quick_results_are_git_ignored() -> None:
     if shutil.which("git") is None or not (BENCHMARKS.parent / ".git").exists():
         pytest.skip("not a git checkout")
     names = ["flops_quick.csv", "accuracy_quick.png", "finetune_quick.json", "profile_reduction_quick.md"]
-    names += ["merge_groups_mnist_quick.png", "latency_quick.md"]
+    names += ["merge_groups_mnist_quick.png", "latency_quick.md", "runtime_agreement_quick.csv"]
     done = subprocess.run(
         ["git", "check-ignore", *(f"benchmarks/results/{name}" for name in names)],
         cwd=BENCHMARKS.parent,
@@ -277,3 +277,38 @@ def test_latency_quick_run(tmp_path: Path) -> None:
     assert (tmp_path / "latency_quick.md").read_text().count("| eager | 2 |") == 4
     assert (tmp_path / "latency_quick.png").stat().st_size > 10_000
     assert_untouched(tmp_path, copies)
+
+
+HAS_IMAGENET = (SHARED / "models" / "deit_tiny_in1k" / "model.safetensors").is_file() and (
+    SHARED / "data" / "imagenet_samples" / "val"
+).is_dir()
+
+
+@pytest.mark.skipif(not HAS_IMAGENET, reason=f"../shared ImageNet DeiT-Tiny and images not found at {SHARED}")
+def test_runtime_agreement_quick_run(tmp_path: Path) -> None:
+    """Eager runs on 4 real images next to (a copy of) the committed results: every setting and tie rule is in the
+    tables, an image over 1e-4 is always one whose decisions differ, and only *_quick.* files are written."""
+    copies = committed_copy(tmp_path)
+    agreement = load("runtime_agreement")
+    argv = ["--quick", "--images", "4", "--batch-sizes", "2", "--out", str(tmp_path)]
+    rows = agreement.main(argv)
+    assert_untouched(tmp_path, copies)
+    settings = [(r["runtime"], r["threads"], r["batch"]) for r in rows if "runtime" in r]
+    assert settings == [("eager", 1, 2), ("eager", 2, 2)]
+    for row in (r for r in rows if "runtime" in r):
+        assert row["images"] == 4 and row["unexplained"] == 0 and row["max |Δ|"] < 1
+        assert row["decisions differ"] == row["selection"] + row["assignment"]
+    rules = [(r["rule"], r["perturbation"]) for r in rows if "perturbation" in r]
+    assert rules == [
+        (rule, p) for rule in ("exact (the library)", "rounded to 2^-10") for p in ("batch 1", "sigma=0.0001")
+    ]
+    assert [r["rule"] for r in rows if "agree %" in r] == ["exact (the library)", "rounded to 2^-10"]
+    text = (tmp_path / "runtime_agreement_quick.md").read_text()
+    assert "| keep_rate=0.7 | eager | 2 | 2 | 4 |" in text and "How close to ties" in text
+    assert (tmp_path / "runtime_agreement_quick.png").stat().st_size > 10_000
+    # --resume keeps every plan the files hold and measures nothing again: the same tables, the time of both runs
+    again = agreement.main([*argv, "--resume", "--no-plot"])
+    assert [r for r in again if "runtime" in r] == [
+        {k: v for k, v in r.items() if k in agreement.COLUMNS and v not in ("", None)} for r in rows if "runtime" in r
+    ]
+    assert "in a run that stopped" in (tmp_path / "runtime_agreement_quick.md").read_text()

@@ -276,6 +276,13 @@ def group_sum(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
     batch, members = group.shape
     if values.dim() == 2:  # one number per token: no flattening, which copies a sliced [B, M] (and guards B == 1)
         return values.new_zeros(batch, num_groups).scatter_add_(1, group, values)
+    if exporting():
+        # index_add_ exports as ScatterND(reduction="add"), which ONNX Runtime's CPU kernel splits over its intra-op
+        # threads with unsynchronised += on rows that several members share: with 2+ threads a run can lose a
+        # member's update (onnxruntime issues 18048, 23396). scatter_add is ScatterElements, a serial loop that adds
+        # the members in order, as index_add_ does in eager.
+        index = group.view(batch, members, *(1,) * (values.dim() - 2)).expand_as(values)
+        return values.new_zeros(batch, num_groups, *values.shape[2:]).scatter_add(1, index, values)
     flat_group = (group + torch.arange(batch, device=group.device).unsqueeze(1) * num_groups).reshape(-1)
     flat = values.reshape(batch * members, *values.shape[2:])
     out = flat.new_zeros(batch * num_groups, *values.shape[2:]).index_add_(0, flat_group, flat)
