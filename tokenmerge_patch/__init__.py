@@ -29,11 +29,13 @@ from .patch import (
 )
 from .reduce import kept_count, reduce_tokens
 from .schedule import default_layers
+from .training import HealReport, heal
 from .vis import show_merges
 
 __all__ = [
     "EpochStats",
     "FlopReport",
+    "HealReport",
     "LayerRecord",
     "PatchConfig",
     "StepInfo",
@@ -42,6 +44,7 @@ __all__ = [
     "default_layers",
     "export_onnx",
     "finetune",
+    "heal",
     "is_patched",
     "kept_count",
     "patch",

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .backends import find_backend, image_model
 from .budget import TOLERANCE, FlopModel, flop_model, rule_keep_rates, token_counts_for
-from .evaluation import parse_batch
+from .evaluation import collect_images
 from .flops import count_flops
 from .plan import PatchConfig, check_fraction
 from .utils import eval_mode
@@ -262,40 +262,6 @@ def _output_vector(output: object) -> Tensor:
 
 def _has_logits(output: object) -> bool:
     return isinstance(output, (Tensor, tuple, list)) or isinstance(getattr(output, "logits", None), Tensor)
-
-
-def collect_images(data: object, limit: int, input_size: Sequence[int]) -> Tensor:
-    """The first ``limit`` images of ``data`` (a tensor ``[N, C, H, W]``, or an iterable of such batches or of
-    ``(images, labels)``/dict batches, labels ignored) as one float tensor; clear errors for anything else."""
-    if isinstance(data, Tensor):
-        batches: Iterable = [data]
-    elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"data must be a float tensor [N, C, H, W] or an iterable of such batches (or of (images, labels)), "
-            f"got {type(data).__name__}"
-        )
-    else:
-        batches = data
-    taken: list[Tensor] = []
-    count = 0
-    for batch in batches:
-        images = parse_batch(batch, "data").images
-        if images.ndim != 4 or not images.is_floating_point():
-            raise ValueError(
-                f"data images must be normalised float tensors [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
-            )
-        if tuple(images.shape[1:]) != tuple(input_size):
-            raise ValueError(
-                f"data images are {tuple(images.shape[1:])} but the model takes {tuple(input_size)} (C, H, W): "
-                "calibrate on images the model will see"
-            )
-        taken.append(images[: limit - count])
-        count += len(taken[-1])
-        if count >= limit:
-            break
-    if count == 0:
-        raise ValueError("data holds no images: calibrate needs a few (e.g. 256) unlabelled images")
-    return torch.cat(taken)
 
 
 @torch.inference_mode()

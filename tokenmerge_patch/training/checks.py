@@ -1,4 +1,4 @@
-"""Argument checks of :func:`~tokenmerge_patch.finetune`. They all run
+"""Argument checks shared by :func:`~tokenmerge_patch.finetune` and :func:`~tokenmerge_patch.heal`. They all run
 before anything is touched, so a bad argument leaves the model exactly as it was."""
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Training objectives: labels (cross-entropy) and distillation from a teacher's soft targets (KL).
+"""Training objectives: labels (cross-entropy), distillation from a teacher's soft targets (KL), and the
+label-free matching of a teacher that :func:`~tokenmerge_patch.heal` uses (KL on logits, cosine or MSE on
+features).
 
 Each objective is a plain function of the student's output and the teacher's; :func:`~tokenmerge_patch.training.step.
 train_step` runs both forwards and hands them over.
@@ -53,3 +55,40 @@ def supervised_objective(
         return loss, logits.detach()
     weight = distill_weight
     return (1 - weight) * loss + weight * distillation(dist_logits, soft, temperature), logits.detach()
+
+
+# -- matching a teacher without labels (heal) ----------------------------------------------------------
+
+
+def matching_loss(student: Tensor, teacher: Tensor, kind: str, feature_loss: str = "cosine") -> Tensor:
+    """What :func:`~tokenmerge_patch.heal` minimises on a view both models saw: ``KL(teacher || student)`` of the
+    logits (``kind="logits"``), or for embeddings one minus their cosine similarity (``feature_loss="cosine"``) or
+    their mean squared difference (``"mse"``), averaged over the batch."""
+    if kind == "logits":
+        return distillation(student.float(), teacher)
+    student, teacher = student.float().flatten(1), teacher.float().flatten(1)
+    if feature_loss == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    return F.mse_loss(student, teacher)
+
+
+def agreement(student: Tensor, teacher: Tensor, kind: str, feature_loss: str = "cosine") -> tuple[Tensor, Tensor]:
+    """Per image, how well the student agrees with the teacher and how far it is from it: for logits, whether the
+    top-1 classes are the same (1.0 or 0.0) and ``KL(teacher || student)``; for embeddings, their cosine similarity
+    and the divergence :func:`matching_loss` trains on (``1 - cos`` or the mean squared difference).
+
+    >>> import torch
+    >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    >>> agree, divergence = agreement(logits, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), "logits")
+    >>> agree.tolist(), bool(divergence[0] < divergence[1])
+    ([1.0, 0.0], True)
+    """
+    student, teacher = student.float(), teacher.float()
+    if kind == "logits":
+        log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
+        same = (student.argmax(-1) == teacher.argmax(-1)).float()
+        return same, (log_t.exp() * (log_t - log_s)).sum(-1)
+    student, teacher = student.flatten(1), teacher.flatten(1)
+    cos = F.cosine_similarity(student, teacher, dim=-1)
+    divergence = 1 - cos if feature_loss == "cosine" else (student - teacher).pow(2).mean(-1)
+    return cos, divergence

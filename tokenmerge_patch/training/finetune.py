@@ -4,7 +4,8 @@ teacher alone on unlabelled images); resumable exactly, ``DistributedDataParalle
 precision on CUDA.
 
 A patched model loses a little accuracy off the shelf; a few epochs at the keep rate it will run at win
-most of it back (EViT fine-tunes DeiT-S for 30 epochs at lr 2e-5). See :func:`finetune`.
+most of it back (EViT fine-tunes DeiT-S for 30 epochs at lr 2e-5). See :func:`finetune`; for a label-free
+recovery in minutes, :func:`~tokenmerge_patch.heal`.
 
 How it reads: :func:`finetune` checks every argument and the loaders' first batches before it touches anything
 (:mod:`.checks`, :mod:`.batches`), then hands over to :class:`~.loop.Trainer` (the epoch loop), which calls
@@ -240,7 +241,8 @@ def check_model(model: nn.Module, teacher: nn.Module | None) -> PatchConfig:
     if image_model(model) is not model:
         raise TypeError(
             f"finetune trains a classifier on images; {type(model).__name__} is a multimodal model whose forward wants "
-            "text too (CLIP): fine-tune an image classifier, or patch the vision model you train on its own"
+            "text too (CLIP): fine-tune an image classifier, or patch the vision model you train on its own "
+            "(tokenmerge_patch.heal trains a CLIPModel's image features)"
         )
     if not any(param.requires_grad for param in model.parameters()):
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")

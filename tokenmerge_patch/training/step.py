@@ -1,4 +1,4 @@
-"""The training core of :func:`~tokenmerge_patch.finetune`: one optimizer
+"""The training core :func:`~tokenmerge_patch.finetune` and :func:`~tokenmerge_patch.heal` share: one optimizer
 step (both forwards under autocast, the objective, backward with loss scaling and clipping), AdamW's parameter
 groups and the learning-rate schedule (linear warm-up, then cosine)."""
 
@@ -24,7 +24,7 @@ def train_step(
     amp_dtype: torch.dtype | None = None,
     grad_clip: float | None = None,
 ) -> tuple[float, int]:
-    """One optimizer step:
+    """One optimizer step, the one :func:`~tokenmerge_patch.finetune` and :func:`~tokenmerge_patch.heal` share:
     the student's forward and the teacher's on the same images (without gradients) under autocast when
     ``amp_dtype`` is set, ``objective(student output, teacher output or None) -> (loss, correct)``, backward (scaled
     for fp16), the gradient norm clipped to ``grad_clip``, the step. Returns the loss and ``correct``."""
