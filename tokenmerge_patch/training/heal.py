@@ -36,7 +36,7 @@ from .step import cosine, train_step
 
 TRAINABLE = ("norms", "norms+bias", "all")
 # default peak learning rates by what is trained (AdamW; measured on the calibration half, benchmarks/heal.py)
-DEFAULT_LR = {"norms": 2e-3, "norms+bias": 1e-3, "all": 2e-5, "predicate": 1e-3}
+DEFAULT_LR = {"norms": 2e-3, "norms+bias": 2e-3, "all": 3e-5, "predicate": 1e-3}
 DEFAULT_STEPS = 120  # with neither seconds nor steps (DeiT-T at batch 32: about 2 s a step on 2 CPU cores)
 WARMUP = 0.1  # share of the budget spent warming the learning rate up
 CHECKS = 8  # held-out checks over the budget (and one before, one at the end)
@@ -136,8 +136,8 @@ def heal(
             best), ``"norms+bias"`` (also every bias), ``"all"``, or a predicate on parameter names
             (``model.named_parameters()``). Parameters outside it stay bit-identical; ``requires_grad`` flags are
             restored afterwards.
-        lr: AdamW's peak learning rate (no weight decay); ``None``: 2e-3 for norms, 1e-3 for norms+bias or a
-            predicate, 2e-5 for all.
+        lr: AdamW's peak learning rate (no weight decay); ``None``: 2e-3 for norms and norms+bias, 1e-3 for a
+            predicate, 3e-5 for all.
         augment: ``True``: function matching on random resized crops, flips, mixup and cutmix (:class:`Views`);
             ``False``: the images as they are; or a ``Views`` of your own.
         seed: seeds the order of the images and the views (the held-out images are always every 8th): on CPU the
