@@ -5,8 +5,8 @@ augmented views of a few hundred images, a time or step budget, the best held-ou
 The package, in reading order: :mod:`.batches` (what a batch may be, the loaders' checks, data order and RNG),
 :mod:`.checks` (argument checks), :mod:`.distill` (objectives), :mod:`.augment` (the views function matching
 trains on), :mod:`.step` (one optimizer step, optimizer groups and schedule: the core both share), :mod:`.loop`
-(finetune's epoch loop), :mod:`.checkpoint` (atomic save, exact resume), :mod:`.finetune` and :mod:`.heal` (the
-public functions).
+(finetune's epoch loop), :mod:`.checkpoint` (atomic save, exact resume), :mod:`.heal_inputs` (what heal is given,
+checked; which parameters it trains), :mod:`.finetune` and :mod:`.heal` (the public functions).
 """
 
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME

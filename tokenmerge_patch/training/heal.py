@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -30,11 +29,19 @@ from ..patch import unpatch
 from ..utils import eval_mode
 from .augment import Views
 from .checks import amp_dtype as autocast_dtype
-from .checks import check_flag, check_patched_model, check_teacher, integer, number, pick_device
+from .checks import check_patched_model, check_teacher, pick_device
 from .distill import agreement, matching_loss
+from .heal_inputs import (
+    check_budget,
+    check_options,
+    check_trainable,
+    check_views,
+    output_kind,
+    select_trainable,
+    teacher_image_model,
+)
 from .step import cosine, train_step
 
-TRAINABLE = ("norms", "norms+bias", "all")
 # default peak learning rates by what is trained (AdamW; measured on the calibration half, benchmarks/heal.py)
 DEFAULT_LR = {"norms": 2e-3, "norms+bias": 2e-3, "all": 3e-5, "predicate": 1e-3}
 DEFAULT_STEPS = 120  # with neither seconds nor steps (DeiT-T at batch 32: about 2 s a step on 2 CPU cores)
@@ -171,28 +178,17 @@ def heal(
     """
     started = time.perf_counter()
     check_patched_model(model, "heal", "heal recovers what the patch costs")
-    seconds, steps = _check_budget(seconds, steps)
-    label, chosen = _check_trainable(trainable)
-    peak = DEFAULT_LR[label] if lr is None else number(lr, "lr", "a number > 0 or None")
-    if peak <= 0:
-        raise ValueError(f"lr must be a number > 0 or None, got {lr!r}")
-    views = _check_views(augment)
-    seed = integer(seed, "seed", "an integer")
-    batch_size = integer(batch_size, "batch_size", "an integer >= 1")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if feature_loss not in ("cosine", "mse"):
-        raise ValueError(f"feature_loss must be 'cosine' or 'mse', got {feature_loss!r}")
-    check_flag(progress, "progress")
-    if amp is not None:
-        check_flag(amp, "amp")
+    seconds, steps = check_budget(seconds, steps, DEFAULT_STEPS)
+    label, chosen = check_trainable(trainable)
+    peak, seed, batch_size = check_options(lr, DEFAULT_LR[label], seed, batch_size, feature_loss, progress, amp)
+    views = check_views(augment)
     check_teacher(teacher, model, stacklevel=3)
     parameter = next(model.parameters(), None)
     device = pick_device(device) if device is not None else (parameter.device if parameter is not None else None)
     device = device or torch.device("cpu")
     amp_dtype = autocast_dtype(device, amp)
     student_net = image_model(model)
-    names = _select(model, student_net, chosen, label, trainable)
+    names = select_trainable(model, student_net, chosen, label, trainable)
     input_size = find_backend(model).input_size(model)
     images = collect_images(data, MAX_IMAGES, input_size, name="data", purpose="heal")
     if val_data is not None:
@@ -205,8 +201,8 @@ def heal(
         mask = torch.arange(len(images)) % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1
         mask[-1] |= not mask.any()  # fewer than 8 images: the last one is held out
         images, held = images[~mask], images[mask]
-    kind, shape = _output_kind(model, student_net, held[:2])
-    teacher_net = None if teacher is None else _teacher_net(teacher, held[:2], shape)
+    kind, shape = output_kind(model, student_net, held[:2])
+    teacher_net = None if teacher is None else teacher_image_model(teacher, held[:2], shape)
 
     # every check passed: from here on the model may change (and is put back if anything fails)
     if teacher is None:
@@ -401,113 +397,3 @@ def _progress(step: int, steps: int | None, elapsed: float, budget: float | None
     if budget is not None:
         shares.append(elapsed / budget if budget > 0 else 1.0)
     return max(shares)
-
-
-# -- checks (all before anything is touched) ------------------------------------------------------------
-
-
-def _check_budget(seconds: object, steps: object) -> tuple[float | None, int | None]:
-    if seconds is not None:
-        seconds = number(seconds, "seconds", "a number of seconds > 0 or None")
-        if seconds <= 0:
-            raise ValueError(f"seconds must be a number of seconds > 0 or None, got {seconds!r}")
-    if steps is not None:
-        steps = integer(steps, "steps", "an integer >= 1 or None")
-        if steps < 1:
-            raise ValueError(f"steps must be an integer >= 1 or None, got {steps!r}")
-    if seconds is None and steps is None:
-        steps = DEFAULT_STEPS
-    return seconds, steps
-
-
-def _check_trainable(trainable: object) -> tuple[str, Callable[[str], bool] | None]:
-    if isinstance(trainable, str):
-        if trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {', '.join(map(repr, TRAINABLE))} or a predicate on "
-                             f"parameter names, got {trainable!r}")  # fmt: skip
-        return trainable, None
-    if callable(trainable):
-        return "predicate", trainable
-    raise TypeError(
-        f"trainable must be one of {', '.join(map(repr, TRAINABLE))} or a callable taking a parameter name, got "
-        f"{type(trainable).__name__}"
-    )
-
-
-def _check_views(augment: object) -> Views:
-    if isinstance(augment, Views):
-        return augment
-    check_flag(augment, "augment")
-    return Views() if augment else Views.none()
-
-
-def _is_norm(module: nn.Module) -> bool:
-    """LayerNorm and its relatives (GroupNorm, RMSNorm, timm's RmsNorm, open_clip's LayerNorm subclasses)."""
-    norms = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
-    return isinstance(module, norms) or type(module).__name__.lower().endswith("norm")
-
-
-def _select(
-    model: nn.Module, student: nn.Module, predicate: Callable[[str], bool] | None, label: str, trainable: object
-) -> list[str]:
-    """Names (``model.named_parameters()``) of the parameters to train: among those the image output depends on."""
-    candidates = {id(p) for p in student.parameters()}
-    norms = {id(p) for m in student.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
-    chosen = []
-    for name, param in model.named_parameters():
-        if id(param) not in candidates:
-            continue
-        if predicate is not None:
-            take = predicate(name)
-            if not isinstance(take, (bool, np.bool_)):
-                raise TypeError(f"trainable (a predicate) must return True or False, got {take!r} for {name!r}")
-        elif label == "all":
-            take = True
-        else:
-            take = id(param) in norms or (label == "norms+bias" and name.rsplit(".", 1)[-1] == "bias")
-        if take:
-            chosen.append(name)
-    if not chosen:
-        raise ValueError(
-            f"trainable={trainable!r} selects none of the parameters the model's image output depends on"
-            + (" (the model has no norm layers)" if label == "norms" else "")
-        )
-    return chosen
-
-
-def _output_kind(model: nn.Module, student: nn.Module, sample: Tensor) -> tuple[str, torch.Size]:
-    """``"logits"`` for a classifier (timm with a head, a Hugging Face output with ``logits``), ``"features"`` for an
-    embedding model (CLIP image features, Dinov2Model, open_clip towers, timm with ``num_classes=0``); and the shape
-    of its output vector for two images."""
-    parameter = next(student.parameters(), None)
-    with torch.no_grad(), eval_mode(model):
-        output = student(sample.to(parameter.device) if parameter is not None else sample)
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor) and output[0].dim() != 2:
-        raise TypeError(
-            f"heal matches a classifier's logits or an embedding model's features; {type(model).__name__} returns "
-            f"{output[0].dim()}-d feature maps (a dense backbone, e.g. features_only=True): heal the model with its "
-            "head, or its embedding model"
-        )
-    vector = _output_vector(output)
-    if isinstance(getattr(output, "logits", None), Tensor):
-        return "logits", vector.shape
-    timm_head = find_backend(model).name.startswith("timm") and getattr(model, "num_classes", 0) > 0
-    return ("logits" if timm_head else "features"), vector.shape
-
-
-def _teacher_net(teacher: nn.Module, sample: Tensor, shape: torch.Size) -> nn.Module:
-    """What maps images to the teacher's output (its image model for a multimodal one), checked to give the
-    student's shape."""
-    try:
-        net = image_model(teacher)
-    except TypeError:  # not a model this library patches: a plain module of images
-        net = teacher
-    parameter = next(net.parameters(), None)
-    with torch.no_grad(), eval_mode(teacher):
-        theirs = _output_vector(net(sample.to(parameter.device) if parameter is not None else sample)).shape
-    if theirs != shape:
-        raise ValueError(
-            f"teacher gives outputs of shape {list(theirs)} where the model gives {list(shape)} (two images): heal "
-            "needs a teacher for the same task, normally the unpatched model (teacher=None builds it)"
-        )
-    return net
