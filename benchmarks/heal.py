@@ -3,6 +3,7 @@
     python benchmarks/heal.py                  # fold 1: heal on the even classes, evaluate on the odd (heal.*)
     python benchmarks/heal.py --swap-halves    # fold 2: the other way round (heal_swapped.*)
     python benchmarks/heal.py --tune           # how the defaults were chosen, calibration half only (heal_tuning.*)
+    python benchmarks/heal.py --time-only      # the default heal alone (teacher=None) at 0.5 of the FLOPs (heal_time.*)
     python benchmarks/heal.py --quick          # a few images and steps, one budget (heal_quick.*, not committed)
 
 The 1000 ImageNet images of ../shared are split by class index (``tokenmerge_patch.data.split_by_class``). On the
@@ -16,12 +17,17 @@ as in ``accuracy.py``) off the shelf and healed with the defaults. ``heal s`` is
 ``--tune`` touches the calibration half only: its classes ``≡ 0 (mod 4)`` heal (250 images; calibration on them too)
 and its classes ``≡ 2 (mod 4)`` score (250 images), for each recipe tried at 0.5 of the FLOPs. The defaults
 of ``tm.heal`` come from this table; the evaluation half never decided anything.
+
+``--time-only`` measures what a user's call costs: ``tm.heal(model, images)`` with every default (the teacher built
+by heal itself) on the 500 calibration-half images, nothing else in the run. Every heal row records the machine's
+1-minute load average before and after it: on a shared machine a heal's seconds are only a heal's on a quiet one.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +41,7 @@ import tokenmerge_patch as tm
 from tokenmerge_patch.budget import tome_keep_rates
 from tokenmerge_patch.data import Split, evenly_spaced, load_imagenet, split_by_class, to_tensor_dataset
 from tokenmerge_patch.evaluation import logits_of
-from tokenmerge_patch.training.heal import DEFAULT_LR, DEFAULT_STEPS
+from tokenmerge_patch.training.heal import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import BudgetFit
@@ -59,21 +65,28 @@ RECIPES: dict[str, dict] = {
     "norms": {},  # the default
     "all": {"trainable": "all"},
 }
-# the recipes --tune compares (each is tm.heal's keyword arguments on top of the defaults)
+# the recipes --tune compares, each spelled out in full (tm.heal's keyword arguments), so that the table still says
+# what was run when the defaults move; the first records the teacher's outputs for the others with the same views
 TUNING: dict[str, dict] = {
-    "norms, lr 2e-3 (default)": {},
-    "norms, lr 1e-3": {"lr": 1e-3},
-    "norms, lr 5e-3": {"lr": 5e-3},
-    "norms, half the steps": {"steps": DEFAULT_STEPS // 2},
-    "norms, no augmentation": {"augment": False},
-    "norms+bias, lr 2e-3": {"trainable": "norms+bias", "lr": 2e-3},
-    "all, lr 3e-5": {"trainable": "all", "lr": 3e-5},
+    "norms, lr 2e-3, 120 steps": {"lr": 2e-3, "steps": 120},
+    "norms, lr 1e-3, 120 steps": {"lr": 1e-3, "steps": 120},
+    "norms, lr 5e-3, 120 steps": {"lr": 5e-3, "steps": 120},
+    "norms, lr 2e-3, 90 steps": {"lr": 2e-3, "steps": 90},
+    "norms, lr 1e-3, 90 steps": {"lr": 1e-3, "steps": 90},
+    "norms, lr 2e-3, 60 steps": {"lr": 2e-3, "steps": 60},
+    "norms, lr 1e-3, 60 steps": {"lr": 1e-3, "steps": 60},
+    "norms, lr 2e-3, 120 steps of 16": {"lr": 2e-3, "steps": 120, "batch_size": 16},
+    "norms, lr 2e-3, 120 steps, no augmentation": {"lr": 2e-3, "steps": 120, "augment": False},
+    "norms+bias, lr 2e-3, 120 steps": {"trainable": "norms+bias", "lr": 2e-3, "steps": 120},
+    "all, lr 3e-5, 120 steps": {"trainable": "all", "lr": 3e-5, "steps": 120},
 }
+TUNING = {name: {"trainable": "norms", "batch_size": 32, **recipe} for name, recipe in TUNING.items()}
 FULL = {"budgets": [0.8, 0.65, 0.5, 0.4], "eval_images": 500, "heal_images": 500, "calib_images": 256, "steps": None}
 QUICK = {"budgets": [0.5], "eval_images": 50, "heal_images": 48, "calib_images": 32, "steps": 4}
 TUNE = {"budgets": [0.5]}
+TIME = {"budgets": [0.5]}
 COLUMNS = ["budget", "plan", "healed", "FLOPs", "GFLOPs", "top-1 %", "Δ top-1", "agree %", "KL", "heal s",
-           "heal CPU s", "steps", "kept step", "held-out agree before → after"]  # fmt: skip
+           "s/step", "heal CPU s", "load", "steps", "kept step", "held-out agree before → after"]  # fmt: skip
 CSV_COLUMNS = [*COLUMNS[:-1], "teacher cached", "held-out agree before", "held-out agree after",
                "held-out KL before", "held-out KL after", "trained", "calib s", "plan json"]  # fmt: skip
 
@@ -82,6 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few images and steps at one budget: heal_quick.*")
     parser.add_argument("--tune", action="store_true", help="compare recipes on the calibration half: heal_tuning.*")
+    parser.add_argument("--time-only", action="store_true", help="the default heal alone, timed: heal_time.*")
     parser.add_argument("--swap-halves", action="store_true", help="heal on the odd classes, evaluate on the even")
     parser.add_argument("--budgets", default=None, help="FLOPs fractions (default 0.8,0.65,0.5,0.4; --tune: 0.5)")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluation-half images (default 500)")
@@ -100,7 +114,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stem", default=None)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
-    preset = QUICK if args.quick else (dict(FULL, **TUNE) if args.tune else FULL)
+    if args.tune and args.time_only:
+        parser.error("--tune and --time-only are two different runs")
+    full_preset = dict(FULL, **TUNE) if args.tune else (dict(FULL, **TIME) if args.time_only else FULL)
+    preset = QUICK if args.quick else full_preset
     args.budgets = parse_floats(args.budgets) if args.budgets else list(preset["budgets"])
     for key in ("eval_images", "heal_images", "calib_images", "steps"):
         if getattr(args, key) is None:
@@ -111,10 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if unknown:
             parser.error(f"unknown --recipes {unknown}; separate names with ';', choose from {list(TUNING)}")
     full = args.calib_block_runs is None and args.recipes is None
-    full = full and all(
-        getattr(args, key) == value for key, value in (dict(FULL, **TUNE) if args.tune else FULL).items()
-    )
-    name = "heal_tuning" if args.tune else ("heal_swapped" if args.swap_halves else "heal")
+    full = full and all(getattr(args, key) == value for key, value in full_preset.items())
+    name = "heal_tuning" if args.tune else ("heal_time" if args.time_only else "heal")
+    name += "_swapped" if args.swap_halves else ""
     args.stem = output_stem(args.stem, name, full=full and not args.quick)
     return args
 
@@ -181,19 +197,22 @@ class Bench:
         return tm.patch_config(fit.model), r
 
     def row(self, budget: float, plan_name: str, config: tm.PatchConfig, healed: str, *, reuse: bool = False,
-            **heal_kwargs) -> dict:  # fmt: skip
+            own_teacher: bool = False, **heal_kwargs) -> dict:  # fmt: skip
         """Patch a fresh copy with ``config``, heal it (unless ``healed`` is ``"off the shelf"``; with ``reuse`` the
-        teacher's outputs recorded by an earlier heal of the run are reused), score it."""
+        teacher's outputs recorded by an earlier heal of the run are reused; with ``own_teacher`` heal builds its
+        teacher itself, as a user's ``tm.heal(model, images)`` does), score it."""
         model = tm.patch(copy.deepcopy(self.base), config=config)
         flops = tm.count_flops(model, self.input_size).total
         report = None
         if healed != "off the shelf":
             model.to(self.device)
             self.teacher.reuse = reuse
+            load = os.getloadavg()[0]
             cpu = time.process_time()
-            report = tm.heal(model, self.heal_images, teacher=self.teacher, device=self.device,
-                             progress=self.args.progress, **heal_kwargs)  # fmt: skip
+            report = tm.heal(model, self.heal_images, teacher=None if own_teacher else self.teacher,
+                             device=self.device, progress=self.args.progress, **heal_kwargs)  # fmt: skip
             cpu = time.process_time() - cpu  # all threads of this process: on 2 free cores, wall time ~ cpu / 2
+            load = f"{load:.1f} → {os.getloadavg()[0]:.1f}"
             after = tm.count_flops(model.cpu(), self.input_size).total
             assert tm.patch_config(model) == config and after == flops, "heal changed the plan or the FLOPs"
         logits = self.logits(model, f"{plan_name} {healed} @ {budget}")
@@ -214,7 +233,7 @@ class Bench:
         if report is not None:
             row.update({
                 "heal s": report.seconds, "heal CPU s": cpu, "steps": report.steps, "kept step": report.kept_step,
-                "teacher cached": reuse,
+                "s/step": report.seconds / max(1, report.steps), "load": load, "teacher cached": reuse,
                 "held-out agree before": 100 * report.agreement_before,
                 "held-out agree after": 100 * report.agreement_after,
                 "held-out KL before": report.divergence_before, "held-out KL after": report.divergence_after,
@@ -223,7 +242,7 @@ class Bench:
                 "trained": f"{report.trainable}: {len(report.trained)} tensors, {report.trained_parameters} numbers",
             })  # fmt: skip
             if reuse:  # not a heal's time: the teacher's outputs were reused
-                row["heal s"] = row["heal CPU s"] = None
+                row["heal s"] = row["heal CPU s"] = row["s/step"] = None
         self.rows.append(row)
         print(
             f"{budget:<5} {plan_name:<11} {healed:<28} FLOPs {row['FLOPs']:.3f} top-1 {top1:6.2f} % agree "
@@ -269,9 +288,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for budget in args.budgets:
         plan, calib_s = bench.plan(budget)
         bench.row(budget, "calibrated", plan, "off the shelf")["calib s"] = calib_s
-        if args.tune:  # the first recipe (the defaults) records the teacher's outputs, the others reuse them
+        if args.time_only:  # a user's call: every default, the teacher built by heal
+            bench.row(budget, "calibrated", plan, "norms", own_teacher=True, **steps)
+            continue
+        if args.tune:  # the first recipe records the teacher's outputs, the others reuse them (same views)
             for index, name in enumerate(args.recipes or TUNING):
-                bench.row(budget, "calibrated", plan, name, reuse=index > 0, **{**steps, **TUNING[name]})
+                bench.row(budget, "calibrated", plan, name, reuse=index > 0, **{**TUNING[name], **steps})
             continue
         # the default heal (its time is a heal's) records the teacher's outputs; the other rows reuse them
         for name, recipe in RECIPES.items():
@@ -303,13 +325,16 @@ def write(args: argparse.Namespace, bench: Bench, threads: int, total: float) ->
         f"## Heal on the real ImageNet {IMAGENET_ARCH}",
         "",
         f"{what} tm.heal's defaults (trainable='norms', lr {DEFAULT_LR['norms']:g} (all: {DEFAULT_LR['all']:g}), "
-        f"function matching on crops, flips, mixup/cutmix, batch 32, {DEFAULT_STEPS} steps) unless the row says "
-        "otherwise" + ("" if args.steps is None else f"; {args.steps} steps") + ". **agree %**: images whose top-1 is "
+        f"function matching on crops, flips, mixup/cutmix, batch {DEFAULT_BATCH_SIZE}, {DEFAULT_STEPS} steps) unless "
+        f"the row says otherwise{'' if args.steps is None else f'; {args.steps} steps'}. **agree %**: images whose "
+        "top-1 is "
         "the unpatched model's; **KL**: mean KL divergence of the class probabilities from the unpatched model's; "
         "**held-out agree**: heal's own check on its held-out images (every 8th, which also chose the state it kept). "
-        "**heal s**: wall time of the heal call; **heal CPU s**: CPU time of this process during it (all threads; on "
-        "two free cores the wall time is about half of it); both empty where the heal reused the teacher's outputs "
-        "recorded by the default heal of the same run (same views: its accuracy is exactly an uncached heal's).",
+        "**heal s**: wall time of the heal call (**s/step**: divided by its steps, checks and teacher included); "
+        "**heal CPU s**: CPU time of this process during it (all threads); **load**: the machine's 1-minute load "
+        "average before → after the heal (other jobs included; about the thread count when the machine is quiet). "
+        "Times are empty where the heal reused the teacher's outputs recorded by the first heal of the same run "
+        "(same views: its accuracy is exactly an uncached heal's, its time is not a heal's).",
         "",
         markdown_table(
             rows,
@@ -323,6 +348,7 @@ def write(args: argparse.Namespace, bench: Bench, threads: int, total: float) ->
                 "Δ top-1": "{:+.2f}",
                 "agree %": "{:.2f}",
                 "heal s": "{:.0f}",
+                "s/step": "{:.2f}",
                 "heal CPU s": "{:.0f}",
             },
         ),

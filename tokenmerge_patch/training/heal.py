@@ -45,6 +45,7 @@ from .step import cosine, train_step
 # default peak learning rates by what is trained (AdamW; measured on the calibration half, benchmarks/heal.py)
 DEFAULT_LR = {"norms": 2e-3, "norms+bias": 2e-3, "all": 3e-5, "predicate": 1e-3}
 DEFAULT_STEPS = 120  # with neither seconds nor steps (DeiT-T at batch 32: about 2 s a step on 2 CPU cores)
+DEFAULT_BATCH_SIZE = 32
 WARMUP = 0.1  # share of the budget spent warming the learning rate up
 CHECKS = 8  # held-out checks over the budget (and one before, one at the end)
 HOLD_OUT_EVERY = 8  # without val_data, every 8th image is held out (never trained on)
@@ -120,7 +121,7 @@ def heal(
     device: str | torch.device | None = None,
     progress: bool = True,
     val_data: Tensor | Iterable | None = None,
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     feature_loss: str = "cosine",
     amp: bool | None = None,
 ) -> HealReport:
