@@ -156,3 +156,31 @@ def test_sensitivity_quick_run(tmp_path: Path) -> None:
 
 def by_scores_of(rows: list[dict], plan: str) -> dict[str, dict]:
     return {row["scores"]: row for row in rows if row["plan"] == plan}
+
+
+@needs_imagenet
+@pytest.mark.slow
+def test_heal_quick_run(tmp_path: Path) -> None:
+    """benchmarks/heal.py on a few images and two steps: the calibrated plan off the shelf and healed, ToMe off the
+    shelf and healed, at 0.5 of the FLOPs; heal leaves the FLOPs as they were; only heal_quick.* is written."""
+    heal = load_benchmark("heal")
+    before = snapshot(RESULTS)
+    argv = ["--quick", "--eval-images", "8", "--heal-images", "16", "--calib-images", "8", "--steps", "2"]
+    rows = heal.main([*argv, "--calib-block-runs", "24", "--workers", "0", "--no-progress", "--out", str(tmp_path)])
+    assert snapshot(RESULTS) == before
+    assert {p.name for p in tmp_path.iterdir()} == {f"heal_quick.{ext}" for ext in ("csv", "md", "png")}
+    assert [(row["plan"].split(" ")[0], row["healed"]) for row in rows] == [
+        ("unpatched", ""),
+        ("calibrated", "off the shelf"),
+        ("calibrated", "norms"),
+        ("ToMe", "off the shelf"),
+        ("ToMe", "norms"),
+    ]
+    assert rows[0]["FLOPs"] == 1 and rows[0]["agree %"] == 100
+    for off, healed in ((rows[1], rows[2]), (rows[3], rows[4])):
+        assert (
+            0.48 <= off["FLOPs"] <= 0.5 and healed["FLOPs"] == off["FLOPs"] and healed["plan json"] == off["plan json"]
+        )
+        assert healed["steps"] == 2 and healed["heal s"] > 0 and 0 <= healed["kept step"] <= 2
+    assert rows[3]["plan json"]["method"] == "bipartite"
+    assert "| 0.50 | calibrated | norms |" in (tmp_path / "heal_quick.md").read_text()

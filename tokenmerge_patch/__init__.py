@@ -30,12 +30,14 @@ from .patch import (
 )
 from .reduce import kept_count, reduce_tokens
 from .schedule import default_layers
+from .training import HealReport, heal
 from .vis import show_merges
 from .vlm import count_vlm_flops, llm_prefill_flops, patch_processor, unpatch_processor, visual_token_count
 
 __all__ = [
     "EpochStats",
     "FlopReport",
+    "HealReport",
     "LayerRecord",
     "ModelInfo",
     "PatchConfig",
@@ -47,6 +49,7 @@ __all__ = [
     "describe",
     "export_onnx",
     "finetune",
+    "heal",
     "is_patched",
     "kept_count",
     "llm_prefill_flops",

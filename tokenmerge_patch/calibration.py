@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .budget import TOLERANCE, FlopModel, budget_plan, flop_model, rule_keep_rates, token_counts_for
-from .evaluation import parse_batch
+from .evaluation import collect_images
 from .flops import count_flops
 from .model_info import ModelInfo, describe
 from .plan import PatchConfig, check_fraction
@@ -265,52 +265,6 @@ def _has_logits(output: object) -> bool:
     return isinstance(output, (Tensor, tuple, list)) or isinstance(getattr(output, "logits", None), Tensor)
 
 
-def collect_images(data: object, limit: int, channels: int) -> Tensor:
-    """The first ``limit`` images of ``data`` (a tensor ``[N, C, H, W]``, or an iterable of such batches or of
-    ``(images, labels)``/dict batches, labels ignored) as one float tensor; clear errors for anything else: images
-    that are not float ``[N, channels, H, W]``, batches of different sizes, non-finite values (naming the batch and
-    the image)."""
-    if isinstance(data, Tensor):
-        batches: Iterable = [data]
-    elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"data must be a float tensor [N, C, H, W] or an iterable of such batches (or of (images, labels)), "
-            f"got {type(data).__name__}"
-        )
-    else:
-        batches = data
-    taken: list[Tensor] = []
-    count = 0
-    for index, batch in enumerate(batches):
-        images = parse_batch(batch, "data").images
-        if images.ndim != 4 or not images.is_floating_point():
-            raise ValueError(
-                f"data images must be normalised float tensors [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
-            )
-        if images.shape[1] != channels:
-            raise ValueError(f"data images have {images.shape[1]} channels but the model takes {channels}")
-        if taken and images.shape[1:] != taken[0].shape[1:]:
-            raise ValueError(
-                f"data batch {index} holds images of {tuple(images.shape[1:])} (C, H, W), the batches before it "
-                f"{tuple(taken[0].shape[1:])}: give images of one size, the size the model will see"
-            )
-        images = images[: limit - count]
-        finite = torch.isfinite(images).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0])
-            raise ValueError(
-                f"data batch {index}, image {bad} holds non-finite values (NaN or inf): give real images, "
-                "normalised as the model expects"
-            )
-        taken.append(images)
-        count += len(images)
-        if count >= limit:
-            break
-    if count == 0:
-        raise ValueError("data holds no images: give a few (e.g. 256) unlabelled images")
-    return torch.cat(taken)
-
-
 @torch.inference_mode()
 def calibrate(
     model: nn.Module,
@@ -375,7 +329,7 @@ def calibrate(
     backend.check(model, replace(base, layers=tuple(range(depth)), keep_rates=(1.0,) * depth))
     if depth < 3:
         raise ValueError(f"calibrate needs a model with at least 3 blocks, this one has {depth}")
-    calibration = collect_images(data, int(images), info.input_size[0])
+    calibration = collect_images(data, int(images), channels=info.input_size[0])
     param = next(model.parameters(), None)
     if param is not None:
         calibration = calibration.to(param.device, param.dtype)

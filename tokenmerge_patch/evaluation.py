@@ -1,12 +1,13 @@
 """Top-1 accuracy over a dataset, with a progress bar, and what a loader's batch may look like.
 
 :func:`parse_batch` is the one place that reads a batch: :func:`evaluate`, :func:`~tokenmerge_patch.finetune`
-and :func:`~tokenmerge_patch.finetune.evaluate_loader` all accept the same forms.
+and :func:`~tokenmerge_patch.finetune.evaluate_loader` all accept the same forms; :func:`collect_images` gathers
+the unlabelled images :func:`~tokenmerge_patch.calibrate` and :func:`~tokenmerge_patch.heal` take.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -78,6 +79,73 @@ def parse_batch(batch: object, name: str = "loader") -> Batch:
                 f"{images.shape[0]} images; labels must be integer class indices, one per image"
             )
     return Batch(images, labels)
+
+
+def collect_images(
+    data: object,
+    limit: int,
+    *,
+    channels: int,
+    input_size: Sequence[int] | None = None,
+    name: str = "data",
+    purpose: str = "calibrate",
+) -> Tensor:
+    """The first ``limit`` images of ``data`` (a tensor ``[N, C, H, W]``, or an iterable of such batches or of
+    ``(images, labels)``/dict batches, labels ignored) as one float tensor; clear errors for anything else, naming
+    the argument (``name``) and what wants the images (``purpose``): images that are not float ``[N, channels, H,
+    W]`` (or not ``input_size`` when it is given), batches of different sizes, non-finite values (naming the batch and
+    the image).
+
+    >>> collect_images([torch.zeros(2, 1, 4, 4), (torch.ones(3, 1, 4, 4), torch.arange(3))], 4, channels=1).shape
+    torch.Size([4, 1, 4, 4])
+    >>> collect_images([], 4, channels=1, name="val_data", purpose="heal")
+    Traceback (most recent call last):
+    ValueError: val_data holds no images: heal needs a few (e.g. 256) unlabelled images
+    """
+    if isinstance(data, Tensor):
+        batches: Iterable = [data]
+    elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"{name} must be a float tensor [N, C, H, W] or an iterable of such batches (or of (images, labels)), "
+            f"got {type(data).__name__}"
+        )
+    else:
+        batches = data
+    taken: list[Tensor] = []
+    count = 0
+    for index, batch in enumerate(batches):
+        images = parse_batch(batch, name).images
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(
+                f"{name} images must be normalised float tensors [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
+        if input_size is not None and tuple(images.shape[1:]) != tuple(input_size):
+            raise ValueError(
+                f"{name} images are {tuple(images.shape[1:])} but the model takes {tuple(input_size)} (C, H, W): "
+                f"{purpose} on images the model will see"
+            )
+        if images.shape[1] != channels:
+            raise ValueError(f"{name} images have {images.shape[1]} channels but the model takes {channels}")
+        if taken and images.shape[1:] != taken[0].shape[1:]:
+            raise ValueError(
+                f"{name} batch {index} holds images of {tuple(images.shape[1:])} (C, H, W), the batches before it "
+                f"{tuple(taken[0].shape[1:])}: give images of one size, the size the model will see"
+            )
+        images = images[: limit - count]
+        finite = torch.isfinite(images).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"{name} batch {index}, image {bad} holds non-finite values (NaN or inf): give real images, "
+                "normalised as the model expects"
+            )
+        taken.append(images)
+        count += len(images)
+        if count >= limit:
+            break
+    if count == 0:
+        raise ValueError(f"{name} holds no images: {purpose} needs a few (e.g. 256) unlabelled images")
+    return torch.cat(taken)
 
 
 def logits_of(output: object) -> Tensor:
