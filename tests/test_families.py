@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import REFERENCE_METHODS, Options, reference_tokens
+from reference import REFERENCE_METHODS, Options, hf_attention, hf_mlp, reference_tokens
 from tiny_models import perturb
 from torch import Tensor, nn
 
@@ -105,30 +105,6 @@ def test_registers_keep_rate_one_equals_unpatched(head: bool, attn: str, images:
         assert tm.reduction_trace(model)[1].sizes[:, :prefix].eq(1).all()
 
 
-def _eager_attention(attention: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One image ``x`` [N, C] through an HF attention, from its weights: (output, probs [H, N, N], keys [H, N, d])."""
-    n, heads = x.shape[0], attention.num_attention_heads
-    q, k, v = (F.linear(x, p.weight, p.bias).reshape(n, heads, -1).transpose(0, 1) for p in _qkv(attention))
-    logits = q @ k.transpose(-1, -2) * attention.scaling
-    if bias is not None:
-        logits = logits + bias
-    probs = logits.softmax(dim=-1)
-    return attention.o_proj((probs @ v).transpose(0, 1).reshape(n, -1)), probs, k
-
-
-def _qkv(attention: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    return attention.q_proj, attention.k_proj, attention.v_proj
-
-
-def _attention_half(layer: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    y, probs, keys = _eager_attention(layer.attention, layer.norm1(x), bias)
-    return layer.layer_scale1(y), probs, keys
-
-
-def _mlp_half(layer: nn.Module, x: Tensor) -> Tensor:
-    return layer.layer_scale2(layer.mlp(layer.norm2(x)))
-
-
 @torch.no_grad()
 def reference_registers(model: nn.Module, images: Tensor, plan: dict[int, float], **options: object) -> tuple:
     """The patched model's output computed on the unpatched one: logits (with the classifier's cat([class token,
@@ -138,7 +114,8 @@ def reference_registers(model: nn.Module, images: Tensor, plan: dict[int, float]
     prefix = 1 + backbone.config.num_register_tokens
     outputs, counts = [], []
     for x in backbone.embeddings(images):
-        x, sizes, count = reference_tokens(x, backbone.encoder.layer, plan, opt, prefix, _attention_half, _mlp_half)
+        layers = backbone.encoder.layer
+        x, sizes, count = reference_tokens(x, layers, plan, opt, prefix, hf_attention, hf_mlp)
         x = backbone.layernorm(x)
         if isinstance(model, Dinov2WithRegistersForImageClassification):
             weights = torch.tensor(sizes[prefix:]).unsqueeze(-1)

@@ -175,8 +175,9 @@ def test_keep_rate_one_is_the_unpatched_model(flavour: str) -> None:
     model, x = make(flavour), images()
     with torch.no_grad():
         expected = model(x)
-        tm.patch(model, layers=LAYERS, keep_rate=1.0)
-        assert (model(x) - expected).abs().max() <= 1e-5
+        for dense in (False, True):
+            tm.patch(model, layers=LAYERS, keep_rate=1.0, dense=dense)
+            assert (model(x) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -481,6 +482,25 @@ def test_twins_agree_patched(method: str) -> None:
     counts = [h.shape[1] for h in out.hidden_states[1:]]
     assert counts == tm.token_counts(twin, x) == tm.token_counts(hf, x)
     assert [r.tokens_out for r in tm.reduction_trace(hf).values()] == [counts[i] for i in LAYERS]
+
+
+@pytest.mark.parametrize("method", ["merge", "fuse"])
+def test_dense_twins_agree(method: str) -> None:
+    """dense=True: every block from the first reduction on computes on merged tokens, each at its crucial token's
+    rotary row (EViT's fused token: none), and hands its update to every patch; the timm and HF twins agree."""
+    hf, twin = dinov3_twin()
+    x = images()
+    with torch.no_grad():
+        unpatched = twin.forward_features(x)
+        for model in (hf, twin):
+            tm.patch(model, layers=LAYERS, keep_rate=0.5, method=method, dense=True)
+        out = hf(x, output_hidden_states=True)
+        features = twin.forward_features(x)
+    assert features.shape == out.last_hidden_state.shape == unpatched.shape
+    assert (out.last_hidden_state - features).abs().max() <= 1e-5 and (features - unpatched).abs().max() > 1e-3
+    assert [h.shape for h in out.hidden_states[1:]] == [unpatched.shape] * 4
+    expected = [41, 23, 14, 14] if method == "merge" else [41, 24, 16, 16]  # fuse: + the fused token
+    assert tm.token_counts(twin, x) == tm.token_counts(hf, x) == expected
 
 
 @pytest.mark.parametrize("method", METHODS)
