@@ -102,6 +102,7 @@ def test_registers_keep_rate_one_equals_unpatched(head: bool, attn: str, images:
         tm.patch(model, layers=(1,), keep_rate=0.5)
         prefix = 1 + REGISTERS  # class token and registers are never reduced
         assert tm.token_counts(model, images) == [prefix + 64] + [prefix + 32] * 3
+        model(images)  # counting leaves the trace alone: a forward makes it
         assert tm.reduction_trace(model)[1].sizes[:, :prefix].eq(1).all()
 
 
@@ -306,7 +307,9 @@ def test_clip_merge_pictures_export_and_finetune_use_the_image_side(images: Tens
 # -- still refused: SigLIP has no class token ---------------------------------------------------------------------
 
 
-def test_siglip_is_refused_clearly_and_untouched() -> None:
+def test_siglip_class_scores_are_refused_clearly_and_untouched() -> None:
+    """SigLIP towers have no class token: scoring by one is refused (the received score is their default,
+    tests/test_class_free.py)."""
     vision = dict(**COMMON, intermediate_size=64)
     models = [
         SiglipVisionModel(SiglipVisionConfig(**vision)),
@@ -314,8 +317,8 @@ def test_siglip_is_refused_clearly_and_untouched() -> None:
     ]
     for model in models:
         before = _snapshot(model)
-        with pytest.raises(TypeError, match=r"got Siglip\w*Model \(SigLIP vision towers have no class token"):
-            tm.patch(model, layers=(1,), keep_rate=0.5)
+        with pytest.raises(ValueError, match=r"Siglip\w*Model has no class token"):
+            tm.patch(model, layers=(1,), keep_rate=0.5, score="cls")
         assert not tm.is_patched(model) and _snapshot(model) == before
 
 

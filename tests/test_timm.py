@@ -64,6 +64,8 @@ def test_deit_small_token_counts() -> None:
     tm.patch(model, layers=(3, 6, 9), keep_rate=0.7)
     counts = tm.token_counts(model, torch.randn(1, 3, 224, 224))
     assert counts == [197] * 3 + [139] * 3 + [98] * 3 + [69] * 3
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))  # counting leaves the trace alone: a forward makes it
     assert [(r.tokens_in, r.tokens_out) for r in tm.reduction_trace(model).values()] == [
         (197, 139),
         (139, 98),
@@ -312,8 +314,9 @@ def test_model_without_class_token() -> None:
         img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, class_token=False, global_pool="avg"
     )
     with pytest.raises(ValueError, match="no class token"):
-        tm.patch(model)
+        tm.patch(model, score="cls")  # nothing to take the class row of
     assert not tm.is_patched(model)
+    assert tm.patch_config(tm.patch(model)).score == "received"  # the default without one
 
 
 def test_unsupported_models_are_named() -> None:
