@@ -158,12 +158,10 @@ def merge_groups(x: Tensor, groups: TokenRecord | None, num_prefix: int) -> Tens
     """
     if groups is None or not groups[2]:
         return x
-    sizes, source = groups[0], groups[1]
-    count = sizes.shape[1] - num_prefix
-    group = torch.where(source < 0, count, source - num_prefix)  # dropped patches: an extra group, cut off below
-    sums = group_sum(x[:, num_prefix:], group, count + 1)[:, :count]
-    means = sums / sizes[:, num_prefix:].to(x.dtype).unsqueeze(-1)
-    return torch.cat([x[:, :num_prefix], means], dim=1)
+    sizes = groups[0]
+    count = sizes.shape[1]
+    sums = group_sum(x, _rows(groups[1], num_prefix, count), count + 1)  # dropped patches: row `count`, cut off
+    return sums[:, :count] / sizes.to(x.dtype).unsqueeze(-1)
 
 
 def spread_groups(update: Tensor, groups: TokenRecord | None, num_prefix: int) -> Tensor:
@@ -177,7 +175,17 @@ def spread_groups(update: Tensor, groups: TokenRecord | None, num_prefix: int) -
     """
     if groups is None or not groups[2]:
         return update
-    return _spread(update, groups[1], num_prefix)
+    count = update.shape[1]
+    padded = torch.cat([update, update.new_zeros(update.shape[0], 1, update.shape[2])], dim=1)  # row `count`: zeros
+    return gather_tokens(padded, _rows(groups[1], num_prefix, count))
+
+
+def _rows(source: Tensor, num_prefix: int, dropped: int) -> Tensor:
+    """``[B, P + N0]``: for every row of the full-resolution stream, its merged token (the prefix tokens their own;
+    a dropped patch, ``-1`` in ``source``, the row ``dropped``). One index for the whole stream, so merging and
+    spreading are one ``index_add`` and one ``index_select`` each."""
+    prefix = torch.arange(num_prefix, device=source.device).expand(source.shape[0], -1)
+    return torch.cat([prefix, torch.where(source < 0, dropped, source)], dim=1)
 
 
 def intermediate_map(patches: Tensor, prefix: Tensor, records: dict, grid: tuple[int, int]) -> Tensor:
