@@ -7,10 +7,12 @@ the flops= rule (test_budget_sweep.py), ONNX and torch.export (test_export.py), 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from reference import Options, hf_attention, hf_mlp, reference_dense_tokens, timm_attention, timm_mlp
-from tiny_models import make_model, model_snapshot, perturb
+from tiny_models import SHARED, make_model, model_snapshot, perturb
 from torch import Tensor, nn
 
 import tokenmerge_patch as tm
@@ -253,3 +255,36 @@ def test_options_that_do_not_apply_are_refused_and_the_model_left_as_it_was() ->
     with pytest.raises(TypeError, match="dense must be a bool"):
         tm.patch(model, dense="yes")
     assert model_snapshot(model)[1:] == before[1:]
+
+
+def _saliency_benchmark():
+    """benchmarks/dense.py, which loads the real DINOv2-S and its saliency decoder of ../shared."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dense.py"
+    spec = importlib.util.spec_from_file_location("benchmark_dense", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (SHARED / "models" / "dinov2_small_saliency" / "decoder.safetensors").is_file(),
+    reason=f"../shared (the real DINOv2-S saliency model) not found at {SHARED}",
+)
+def test_real_dinov2_saliency_maps_at_keep_one_equal_the_unpatched_ones() -> None:
+    pytest.importorskip("transformers", minversion="5")
+    bench = _saliency_benchmark()
+    backbone, decoder = bench.load_saliency()
+    images, _ = bench.load_half(SHARED / "data" / "imagenet_samples", 2, calibration=False, workers=0)
+    expected = bench.saliency(backbone, decoder, images)
+    for dense in (True, False):
+        tm.patch(backbone, layers=tuple(range(12)), keep_rate=1.0, dense=dense)
+        got = bench.saliency(backbone, decoder, images)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    tm.patch(backbone, layers=(3, 6, 9), keep_rate=0.5, dense=True)  # and a real reduction changes them
+    maps, _ = bench.saliency(backbone, decoder, images)
+    assert maps.shape == expected[0].shape and (maps - expected[0]).abs().max() > 1e-3
