@@ -177,12 +177,64 @@ def reference_tokens(
     return x, sizes, count
 
 
-def _timm_attention(block, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+MARK = 1e-20  # a tiny indicator of the patches a token holds, carried through a reduction in extra channels
+
+
+def reference_dense_tokens(
+    x: Tensor,
+    blocks,
+    plan: dict[int, float],
+    opt: Options,
+    prefix: int,
+    attention: Callable[[object, Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor]],
+    mlp: Callable[[object, Tensor], Tensor],
+) -> tuple[Tensor, list[int]]:
+    """One image's tokens ``x`` [N, C] through ``blocks`` as ``dense=True`` runs them, from the unpatched weights:
+    every patch keeps its own row; in each block the patches are grouped (a list of patch indices per merged token),
+    each group's mean is computed on, and each group's update is added to every patch of it. A block in ``plan``
+    makes new groups from the reduction of its merged tokens after the attention (the reduction carries, in extra
+    channels, a tiny indicator of the patches each token holds, so a reduced token names its patches). Returns the
+    full-resolution tokens and how many tokens each block's MLP ran on."""
+    x = x.clone()
+    channels, groups, counts = x.shape[1], [[p] for p in range(x.shape[0] - prefix)], []
+
+    def merged(groups: list[list[int]]) -> Tensor:
+        return torch.stack([x[i] for i in range(prefix)] + [x[[prefix + p for p in g]].mean(0) for g in groups])
+
+    def add(update: Tensor, groups: list[list[int]]) -> None:
+        for i in range(prefix):
+            x[i] += update[i]
+        for j, group in enumerate(groups):
+            for p in group:
+                x[prefix + p] += update[prefix + j]
+
+    for index, block in enumerate(blocks):
+        tokens = merged(groups)
+        sizes = [1.0] * prefix + [float(len(g)) for g in groups]
+        bias = torch.tensor(sizes).log() if opt.prop_attn and any(s != 1 for s in sizes) else None
+        y, probs, keys = attention(block, tokens, bias)
+        new_groups = groups
+        if index in plan:
+            holds = torch.zeros(len(sizes), x.shape[0] - prefix)
+            for j, group in enumerate(groups):
+                holds[prefix + j, group] = 1.0
+            marked, _ = reference_reduce(torch.cat([tokens + y, MARK * holds], dim=1), sizes, probs, keys, prefix,
+                                         plan[index], opt)  # fmt: skip
+            new_groups = [row[channels:].nonzero().flatten().tolist() for row in marked[prefix:]]
+        add(y, groups)
+        groups = new_groups
+        tokens = merged(groups)
+        add(mlp(block, tokens), groups)
+        counts.append(tokens.shape[0])
+    return x, counts
+
+
+def timm_attention(block, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     y, probs, keys = eager_attention(block.attn, block.norm1(x), bias)
     return block.ls1(y), probs, keys
 
 
-def _timm_mlp(block, x: Tensor) -> Tensor:
+def timm_mlp(block, x: Tensor) -> Tensor:
     return block.ls2(block.mlp(block.norm2(x)))
 
 
@@ -203,7 +255,7 @@ def reference_logits(
     prefix = model.num_prefix_tokens
     outputs, counts = [], []
     for x in tokens:
-        x, sizes, count = reference_tokens(x, model.blocks, plan, opt, prefix, _timm_attention, _timm_mlp)
+        x, sizes, count = reference_tokens(x, model.blocks, plan, opt, prefix, timm_attention, timm_mlp)
         x = model.norm(x)
         if model.global_pool == "avg":
             weights = torch.tensor(sizes[prefix:]).unsqueeze(-1)
@@ -217,3 +269,39 @@ def reference_logits(
             outputs.append(model.forward_head(x[None])[0])
         counts.append(count)
     return torch.stack(outputs), counts
+
+
+def _hf_parts(layer) -> tuple[str, str, str]:
+    """A Hugging Face layer's pre-attention norm, attention and pre-MLP norm (Dinov2, ViT, CLIP / SigLIP layouts)."""
+    for names in (("norm1", "attention", "norm2"), ("layernorm_before", "attention", "layernorm_after")):
+        if hasattr(layer, names[0]):
+            return names
+    return "layer_norm1", "self_attn", "layer_norm2"
+
+
+def _hf_eager_attention(attention, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One image ``x`` [N, C] through a Hugging Face attention, from its weights: (output, probs [H, N, N], keys
+    [H, N, d])."""
+    n = x.shape[0]
+    heads = getattr(attention, "num_attention_heads", None) or attention.num_heads
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    q, k, v = (F.linear(x, p.weight, p.bias).reshape(n, heads, -1).transpose(0, 1) for p in projections)
+    logits = q @ k.transpose(-1, -2) * getattr(attention, "scaling", getattr(attention, "scale", None))
+    if bias is not None:
+        logits = logits + bias
+    probs = logits.softmax(dim=-1)
+    out = getattr(attention, "o_proj", None) or attention.out_proj
+    return out((probs @ v).transpose(0, 1).reshape(n, -1)), probs, k
+
+
+def hf_attention(layer, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """A Hugging Face layer's attention half, before the residual (LayerScale where the layer has it)."""
+    norm, attention, _ = _hf_parts(layer)
+    y, probs, keys = _hf_eager_attention(getattr(layer, attention), getattr(layer, norm)(x), bias)
+    return getattr(layer, "layer_scale1", torch.nn.Identity())(y), probs, keys
+
+
+def hf_mlp(layer, x: Tensor) -> Tensor:
+    """A Hugging Face layer's MLP half, before the residual."""
+    norm = getattr(layer, _hf_parts(layer)[2])
+    return getattr(layer, "layer_scale2", torch.nn.Identity())(layer.mlp(norm(x)))

@@ -167,6 +167,7 @@ def test_quick_results_are_git_ignored() -> None:
         pytest.skip("not a git checkout")
     names = ["flops_quick.csv", "accuracy_quick.png", "finetune_quick.json", "profile_reduction_quick.md"]
     names += ["merge_groups_mnist_quick.png", "latency_quick.md", "runtime_agreement_quick.csv"]
+    names += ["dense_quick.csv", "dense_maps_quick.png"]
     done = subprocess.run(
         ["git", "check-ignore", *(f"benchmarks/results/{name}" for name in names)],
         cwd=BENCHMARKS.parent,
@@ -320,3 +321,29 @@ def test_runtime_agreement_quick_run(tmp_path: Path) -> None:
         {k: v for k, v in r.items() if k in agreement.COLUMNS and v not in ("", None)} for r in rows if "runtime" in r
     ]
     assert "in a run that stopped" in (tmp_path / "runtime_agreement_quick.md").read_text()
+
+
+needs_saliency = pytest.mark.skipif(
+    not (SHARED / "models" / "dinov2_small_saliency" / "decoder.safetensors").is_file(),
+    reason=f"../shared (the real DINOv2-S saliency model and ImageNet images) not found at {SHARED}",
+)
+
+
+@needs_saliency
+@pytest.mark.slow
+def test_dense_quick_run(tmp_path: Path) -> None:
+    """A small run of benchmarks/dense.py next to (a copy of) the committed results: it writes dense_quick.* and
+    dense_maps_quick.png and leaves them alone; merge and dense=True land in the budget at 224 px."""
+    copies = committed_copy(tmp_path)
+    dense = load("dense")
+    argv = ["--quick", "--eval-images", "2", "--methods", "merge,merge_dense", "--timing-rounds", "1"]
+    rows = dense.main([*argv, "--out", str(tmp_path)])
+    assert_untouched(tmp_path, copies)
+    by_key = {row["key"]: row for row in rows}
+    assert set(by_key) == {"unpatched", "merge", "merge_dense"} and by_key["unpatched"]["IoU"] == 1.0
+    for key in ("merge", "merge_dense"):
+        assert 0.49 <= by_key[key]["FLOPs"] <= 0.5 and 0 < by_key[key]["IoU"] <= 1
+    assert by_key["merge_dense"]["tokens"] == by_key["merge"]["tokens"]  # the same plan, computed on the same tokens
+    assert "Goals (issue 24)" in (tmp_path / "dense_quick.md").read_text()
+    assert (tmp_path / "dense_quick.png").stat().st_size > 10_000
+    assert (tmp_path / "dense_maps_quick.png").stat().st_size > 10_000

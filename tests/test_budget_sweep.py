@@ -1,6 +1,6 @@
 """The ``flops=`` rule lands in ``[f - 0.01, f]`` for every supported family and input size, counted by
 ``count_flops`` at the same size: DINOv2's patch 14 at the 518 px its config says and at 224, registers, Hugging Face
-and timm, ``dynamic_img_size``, RoPE; and ``calibrate`` lands at the size of its images."""
+and timm, ``dynamic_img_size``, RoPE, ``dense=True`` plans; and ``calibrate`` lands at the size of its images."""
 
 from __future__ import annotations
 
@@ -57,6 +57,22 @@ def test_the_rule_lands_at_the_size_it_is_asked_for(family: str, size: tuple | N
     tm.patch(model, flops=flops, input_size=size)
     measured = tm.count_flops(model, size).total / full
     assert flops - TOLERANCE <= measured <= flops, (family, size, measured)
+
+
+@pytest.mark.parametrize(
+    "family, size", [("timm_dinov2_518", (3, 224, 224)), ("hf_dinov2_518", (3, 224, 224)), ("timm_registers", None)]
+)
+def test_the_rule_lands_for_dense_plans(family: str, size: tuple | None) -> None:
+    """dense=True: the blocks compute on the same counts, but the final norm (and a dense head) sees every patch."""
+    pytest.importorskip("transformers") if family.startswith("hf") else None
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    full = tm.count_flops(model, size).total
+    for flops in (0.5, 0.8):
+        tm.patch(model, flops=flops, input_size=size, dense=True)
+        assert tm.patch_config(model).dense
+        measured = tm.count_flops(model, size).total / full
+        assert flops - TOLERANCE <= measured <= flops, (family, size, flops, measured)
 
 
 def test_a_518_px_dinov2_budgets_at_its_own_size_by_default() -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from reference import Options, eager_attention, reference_reduce
+from reference import MARK, Options, eager_attention, reference_reduce
 from tiny_models import TINY, make_model, model_snapshot
 from torch import Tensor
 
 import tokenmerge_patch as tm
 from tokenmerge_patch.records import record_of
 
-MARK = 1e-20
 METHODS = ["merge", "drop", "fuse", "bipartite"]
 
 

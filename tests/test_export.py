@@ -34,6 +34,8 @@ PLANS = [
     ("fuse", {}),
     ("bipartite", dict(prop_attn=True)),
     ("bipartite", dict(prop_attn=False)),
+    ("merge", dict(dense=True)),  # the full-resolution residual stream: merge, compute, spread per block
+    ("bipartite", dict(dense=True)),
 ]
 LAYERS = (1, 2)  # the second reduction gets merged sizes, block 3 attends proportionally
 

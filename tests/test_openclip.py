@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import REFERENCE_METHODS, Options, reference_tokens
+from reference import REFERENCE_METHODS, Options, reference_dense_tokens, reference_tokens
 from test_export import HAS_ONNX, NO_ONNX, onnx_outputs, standard_export
 from timm.models.vision_transformer import VisionTransformer
 from tiny_models import perturb
@@ -150,6 +150,24 @@ def test_matches_the_independent_reference(flavour: str, method: str, options: d
         torch.testing.assert_close(model(images)[0], F.normalize(expected, dim=-1), atol=1e-4, rtol=1e-4)
     assert tm.token_counts(model, images) == counts[0]
     assert counts[0][2] < 65
+
+
+@pytest.mark.parametrize("flavour", ["default", "qk_norm", "avg_pool"])
+def test_dense_matches_the_independent_reference(flavour: str, images: Tensor) -> None:
+    """dense=True: the full-resolution stream through the tower (tests/reference.py's per-block loops), then its own
+    pooling (an average over every patch)."""
+    model = make_clip(flavour)
+    visual, plan = model.visual, {1: 0.5, 2: 0.6}
+    with torch.no_grad():
+        runs = [
+            reference_dense_tokens(x, visual.transformer.resblocks, plan, Options(), 1, _attention_half, _mlp_half)
+            for x in visual._embeds(images)
+        ]
+        tokens = visual.ln_post(torch.stack([x for x, _ in runs]))
+        expected = (tokens[:, 1:].mean(1) if visual.pool_type == "avg" else tokens[:, 0]) @ visual.proj
+        tm.patch(model, layers=tuple(plan), keep_rate=tuple(plan.values()), dense=True)
+        torch.testing.assert_close(model.encode_image(images), expected, atol=1e-4, rtol=1e-4)
+    assert tm.token_counts(model, images) == runs[0][1]
 
 
 def test_avg_pool_is_size_weighted(images: Tensor) -> None:

@@ -169,6 +169,7 @@ def test_bf16() -> None:
         (dict(visual_tokens=16, flops=0.5), ValueError, "without flops"),
         (dict(visual_tokens=16, layers=(3,)), ValueError, "at or before 2"),
         (dict(visual_tokens=4, method="bipartite"), ValueError, "spread it over more layers"),
+        (dict(visual_tokens=16, dense=True), ValueError, "dense=True keeps every patch token"),
     ],
 )
 def test_bad_visual_tokens_are_refused_and_the_model_untouched(kwargs: dict, error: type, match: str) -> None:

@@ -7,6 +7,11 @@ image grid again and can be reshaped to feature maps, upsampled, or fed to a seg
 
 This is what the patched timm ``forward_intermediates(output_fmt="NCHW")`` (so ``features_only=True`` models
 and ``get_intermediate_layers(reshape=True)``) and the patched Hugging Face ``Dinov2Backbone`` return.
+
+``patch(..., dense=True)`` keeps the full resolution instead: the residual stream keeps every patch, and each block
+from the first reduction on computes on merged tokens and hands its update back to every patch of a group
+(:func:`merge_groups`, then :func:`spread_groups`; the way token merging for Stable Diffusion keeps a full-resolution
+image). Its outputs are the unpatched shapes with a feature vector of their own per patch; nothing needs unmerging.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .records import LayerRecord, TokenRecord, record_of
-from .reduce import gather_tokens
+from .records import LayerRecord, TokenRecord, groups_of, record_of
+from .reduce import gather_tokens, group_sum
 
 __all__ = ["unmerge"]
 
@@ -37,7 +42,8 @@ def unmerge(
     - ``method="drop"``: a discarded patch has no token; it gets ``dropped`` in every channel (default ``0.0``;
       ``float("nan")`` marks them). Which patches were dropped: ``source < 0``.
 
-    Gradients flow from the unmerged tokens back to the reduced ones (a row gather).
+    Gradients flow from the unmerged tokens back to the reduced ones (a row gather). The outputs of a ``dense=True``
+    model hold every patch already: they are returned as they are.
 
     How to unmerge any token output of a patched model: pass the tensor the model returned, e.g.
     ``unmerge(model.forward_features(x))`` (timm) or ``unmerge(model(x).last_hidden_state)`` (Hugging Face): the
@@ -79,6 +85,8 @@ def unmerge(
     """
     if not isinstance(tokens, Tensor) or tokens.dim() != 3:
         raise ValueError(f"tokens must be a [B, N, C] tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
+    if source is None and record_of(tokens) is None and groups_of(tokens) is not None:
+        return tokens  # the full-resolution stream of a dense=True model: every patch is its own token already
     record = record_of(tokens) if source is None else source if isinstance(source, tuple) else None
     if source is None and record is None:
         raise ValueError(
@@ -121,9 +129,63 @@ def unmerge(
             f"the source map points at token {int(source_map.max())} but tokens has {tokens.shape[1]}: pass the "
             "source map of the layer these tokens come from"
         )
-    patches = gather_tokens(tokens, source_map.clamp(min=0))  # [B, N0, C]
-    patches = patches.masked_fill((source_map < 0).unsqueeze(-1), dropped)
+    return _spread(tokens, source_map, num_prefix, dropped)
+
+
+def _spread(tokens: Tensor, source: Tensor, num_prefix: int, dropped: float = 0.0) -> Tensor:
+    """``[B, P + K, C]`` -> ``[B, P + N0, C]``: the prefix rows, then for each patch the row of ``tokens`` that
+    ``source`` names (``dropped`` where it is ``-1``); no checks."""
+    patches = gather_tokens(tokens, source.clamp(min=0))  # [B, N0, C]
+    patches = patches.masked_fill((source < 0).unsqueeze(-1), dropped)
     return torch.cat([tokens[:, :num_prefix], patches], dim=1)
+
+
+def merge_groups(x: Tensor, groups: TokenRecord | None, num_prefix: int) -> Tensor:
+    """The tokens a ``dense=True`` block computes on: the full-resolution stream ``x`` ``[B, P + N0, C]`` merged by
+    ``groups`` (the record of the merged tokens, see :func:`~tokenmerge_patch.records.groups_of`) into
+    ``[B, P + K, C]``: the prefix tokens as they are, then for each merged token the mean of its patches' current
+    features (a patch ``method="drop"`` discarded belongs to none). ``x`` itself before any reduction.
+
+    The plain mean: every patch of a group gets the group's update back (:func:`spread_groups`), and the mean is the
+    one input that update is computed from for all of them alike. Merging the spread update gives it back exactly.
+
+    >>> x = torch.tensor([[[9.0], [1.0], [2.0], [4.0]]])  # a class token and three patches
+    >>> groups = (torch.tensor([[1.0, 2.0, 1.0]]), torch.tensor([[1, 2, 1]]), True, (), None)
+    >>> merge_groups(x, groups, num_prefix=1)  # patches 0 and 2 form token 1, patch 1 is token 2
+    tensor([[[9.0000],
+             [2.5000],
+             [2.0000]]])
+    """
+    if groups is None or not groups[2]:
+        return x
+    sizes = groups[0]
+    count = sizes.shape[1]
+    sums = group_sum(x, _rows(groups[1], num_prefix, count), count + 1)  # dropped patches: row `count`, cut off
+    return sums[:, :count] / sizes.to(x.dtype).unsqueeze(-1)
+
+
+def spread_groups(update: Tensor, groups: TokenRecord | None, num_prefix: int) -> Tensor:
+    """A ``dense=True`` block's update of the merged tokens ``[B, P + K, C]`` handed back to the full resolution
+    ``[B, P + N0, C]``: each patch gets its group's update (a patch ``method="drop"`` discarded gets none: it keeps
+    its features from then on). ``update`` itself before any reduction.
+
+    >>> groups = (torch.tensor([[1.0, 2.0, 1.0]]), torch.tensor([[1, 2, 1]]), True, (), None)
+    >>> spread_groups(torch.tensor([[[0.5], [1.0], [3.0]]]), groups, num_prefix=1).flatten().tolist()
+    [0.5, 1.0, 3.0, 1.0]
+    """
+    if groups is None or not groups[2]:
+        return update
+    count = update.shape[1]
+    padded = torch.cat([update, update.new_zeros(update.shape[0], 1, update.shape[2])], dim=1)  # row `count`: zeros
+    return gather_tokens(padded, _rows(groups[1], num_prefix, count))
+
+
+def _rows(source: Tensor, num_prefix: int, dropped: int) -> Tensor:
+    """``[B, P + N0]``: for every row of the full-resolution stream, its merged token (the prefix tokens their own;
+    a dropped patch, ``-1`` in ``source``, the row ``dropped``). One index for the whole stream, so merging and
+    spreading are one ``index_add`` and one ``index_select`` each."""
+    prefix = torch.arange(num_prefix, device=source.device).expand(source.shape[0], -1)
+    return torch.cat([prefix, torch.where(source < 0, dropped, source)], dim=1)
 
 
 def intermediate_map(patches: Tensor, prefix: Tensor, records: dict, grid: tuple[int, int]) -> Tensor:

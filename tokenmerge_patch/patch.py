@@ -19,7 +19,7 @@ from .backends import Backend
 from .backends.shared import refuse_scripting
 from .model_info import ModelInfo, describe, unwrap
 from .plan import PatchConfig, check_fraction
-from .records import LayerRecord, TokenRecord, record_of, record_sizes, tag
+from .records import LayerRecord, TokenRecord, groups_of, record_of, record_sizes, tag
 from .reduce import exporting, reduce_tokens
 from .schedule import KeepRateSpec, LayerSpec, resolve_plan
 
@@ -73,10 +73,10 @@ class TokenMergeState:
 
     # -- per forward ----------------------------------------------------------------------------
     def incoming(self, layer: int, x: Tensor) -> TokenRecord | None:
-        """The record of the tokens ``x`` entering block ``layer``. Every block from the first reducing one on
-        tags what it returns, so tokens arriving later without a record lost it on the way: refuse rather than
-        guess their sizes."""
-        record = record_of(x)
+        """The record of the tokens ``x`` entering block ``layer`` (with ``dense=True``: the merge groups of the
+        full-resolution stream ``x``). Every block from the first reducing one on tags what it returns, so tokens
+        arriving later without a record lost it on the way: refuse rather than guess their sizes."""
+        record = groups_of(x) if self.config.dense else record_of(x)
         if record is None and layer > self.config.layers[0]:
             raise RuntimeError(
                 f"block {layer} got tokens without the merge record the reducing blocks before it attach to their "
@@ -236,6 +236,7 @@ def patch(
     input_size: Sequence[int] | None = None,
     score: str | None = None,
     visual_tokens: int | None = None,
+    dense: bool = False,
 ) -> nn.Module:
     """Make a pretrained ViT cheaper in place: chosen blocks keep their most attended tokens and merge
     the rest into them (arXiv 2306.04897).
@@ -303,6 +304,14 @@ def patch(
             the tower's features are computed on every patch) or in geometric steps over ``layers`` (all at or
             before it: fewer tower FLOPs too). Prompts must then carry as many image tokens per image
             (:func:`~tokenmerge_patch.visual_token_count`, :func:`~tokenmerge_patch.patch_processor`).
+        dense: keep the full resolution: the residual stream keeps every patch, and each block from the first
+            reduction on computes on merged tokens (the mean of each group's patches) and hands its update back to
+            every patch of a group (merge, compute, unmerge per block, as token merging for Stable Diffusion). The
+            groups come from the same scores and method, made in the reducing blocks and reused by the blocks between
+            them. Outputs (hidden states, feature maps, ``forward_intermediates``) have the unpatched shapes and every
+            patch its own features, for dense heads (segmentation, depth, saliency); the blocks cost what they cost
+            with ``dense=False`` at the same plan. ``keep_norm``, ``size_weighted`` and ``merge_into_cls`` do not
+            apply. Not for vision-language models (their language model reads fewer tokens).
         input_size: with ``flops``, the ``(C, H, W)`` the budget is counted at (``None``: the size the model is
             built for, see :func:`~tokenmerge_patch.describe`; e.g. ``(3, 224, 224)`` for a DINOv2 whose config
             says 518 but which runs at 224).
@@ -345,6 +354,7 @@ def patch(
         trace_source=trace_source,
         seed=seed,
         score=score,
+        dense=dense,
     )
     if visual_tokens is not None:
         from .vlm import visual_plan  # imports transformers: only for a VLM
@@ -396,6 +406,7 @@ _OPTION_DEFAULTS = dict(
     trace_source=False,
     seed=0,
     score=None,
+    dense=False,
 )
 
 
@@ -444,8 +455,8 @@ def _validated_config(
     method = options.get("method", "merge")
     if prop_attn is None:
         prop_attn = method in ("merge", "bipartite")
-    if keep_norm is None:
-        keep_norm = method == "merge" and prop_attn is True
+    if keep_norm is None:  # dense=True: no merged token is carried on, so there is no norm to keep
+        keep_norm = method == "merge" and prop_attn is True and not options.get("dense", False)
     if score is None:
         score = "cls" if info.class_token else "received"
     checked = PatchConfig(

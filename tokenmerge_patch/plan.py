@@ -24,6 +24,13 @@ FUSE_PROP_ATTN = (
     "mean, so counting it as all of them in attention over-weights it; patch fuse with prop_attn=False"
 )
 
+DENSE_OPTIONS = (
+    "{name} does not apply with dense=True: the residual stream keeps every patch, and the tokens a block computes on "
+    "are the plain means of their groups' patches, made afresh in every block (eq. 4's weights, the norm a merged "
+    "token would carry on and the class token absorbing patches are all about a merged residual stream); patch with "
+    "dense=True and without {name}"
+)
+
 
 @dataclass(frozen=True)
 class PatchConfig:
@@ -32,8 +39,9 @@ class PatchConfig:
     Attributes:
         layers: 0-based indices of the reducing blocks, ascending.
         keep_rates: one keep rate in (0, 1] per entry of ``layers``.
-        method, similarity, merge_into_cls, size_weighted, keep_norm, prop_attn, trace_source, seed, score: as in
-            ``patch`` (a plan without ``score``, written before it existed, scores by the class token).
+        method, similarity, merge_into_cls, size_weighted, keep_norm, prop_attn, trace_source, seed, score, dense: as
+            in ``patch`` (a plan without ``score``, written before it existed, scores by the class token; one without
+            ``dense`` reduces the residual stream, ``dense=False``).
         depth: number of blocks of the model the plan was made for (``None``: any model deep enough);
             ``patch(model, config=plan)`` refuses a model of another depth.
 
@@ -53,6 +61,7 @@ class PatchConfig:
     seed: int = 0
     depth: int | None = None
     score: str = "cls"
+    dense: bool = False
 
     @property
     def needs_class_token(self) -> bool:
@@ -129,7 +138,7 @@ class PatchConfig:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.similarity != "cosine" and self.method != "merge":
             raise ValueError(f"similarity applies to method='merge' only, got method={self.method!r}")
-        for name in ("merge_into_cls", "size_weighted", "keep_norm", "prop_attn", "trace_source"):
+        for name in ("merge_into_cls", "size_weighted", "keep_norm", "prop_attn", "trace_source", "dense"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         for name in ("merge_into_cls", "size_weighted", "keep_norm"):
@@ -141,6 +150,9 @@ class PatchConfig:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.merge_into_cls and self.score != "cls":
             raise ValueError("merge_into_cls lets the class token absorb tokens: it needs score='cls'")
+        for name in ("merge_into_cls", "size_weighted", "keep_norm"):
+            if self.dense and getattr(self, name):
+                raise ValueError(DENSE_OPTIONS.format(name=name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, Integral):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(self.depth, Integral)):
@@ -163,6 +175,7 @@ class PatchConfig:
             seed=int(self.seed),
             depth=None if self.depth is None else int(self.depth),
             score=self.score,
+            dense=self.dense,
         )
 
 

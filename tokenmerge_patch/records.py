@@ -13,6 +13,11 @@ tensors and ints, so ``torch.save`` of a tagged tensor still loads with ``weight
 token's patch), or ``-1`` for a token with no position (EViT's fused token), which the rotary embedding leaves
 unrotated, as it does prefix tokens. ``None``: no block has reduced yet, every patch token is at its own row.
 
+With ``dense=True`` the tokens between blocks are the full-resolution stream (every patch its own row), and the record
+of the merged tokens each block computes on (its *groups*: the same tuple, whose source map says which merged token
+holds each patch) travels under another attribute (:func:`groups_of`): whatever reads :func:`record_of` (pools,
+``unmerge``, feature maps) sees full tokens, as an unpatched model gives them.
+
 >>> import torch
 >>> x = tag(torch.zeros(1, 3, 4), (torch.tensor([[1.0, 2.0, 1.0]]), None, True, (), torch.tensor([[5, -1]])))
 >>> record_sizes(record_of(x)), record_positions(record_of(x)), record_of(x.clone())
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 TAG = "_tokenmerge_record"
+GROUPS_TAG = "_tokenmerge_groups"  # dense=True: the merge groups of a full-resolution stream
 TokenRecord = tuple
 
 
@@ -69,3 +75,24 @@ def record_positions(record: TokenRecord | None) -> Tensor | None:
     """Each patch token's row of the rotary position table (``-1``: none), ``None`` while every patch token is
     still at its own row (no block has reduced)."""
     return None if record is None else record[4]
+
+
+def groups_of(x: Tensor) -> TokenRecord | None:
+    """The merge groups a ``dense=True`` full-resolution stream ``x`` is computed in (a record of the merged tokens,
+    see the module doc); ``None`` for anything else."""
+    groups = getattr(x, GROUPS_TAG, None)
+    return groups if isinstance(groups, tuple) and len(groups) == 5 else None
+
+
+def tag_groups(x: Tensor, groups: TokenRecord | None) -> Tensor:
+    """Attach the merge groups ``groups`` to the full-resolution stream ``x`` and return ``x``."""
+    if groups is not None:
+        setattr(x, GROUPS_TAG, groups)
+    return x
+
+
+def computed_tokens(x: Tensor) -> int:
+    """How many tokens a block computes on for the tokens ``x`` it takes or returns: of a ``dense=True`` stream after a
+    reduction, its merged tokens; else every token of ``x``."""
+    groups = groups_of(x)
+    return int(x.shape[1] if groups is None or not groups[2] else groups[0].shape[1])

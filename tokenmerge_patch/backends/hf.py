@@ -36,9 +36,18 @@ import torch
 from torch import Tensor, nn
 
 from ..dense import unmerge
-from ..records import TokenRecord, record_of, record_positions, record_sizes
+from ..records import TokenRecord, computed_tokens, record_of, record_positions, record_sizes
 from ..reduce import exporting, rotary_rows, size_weighted_mean
-from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
+from .shared import (
+    LaterBlockForward,
+    OutputTap,
+    RecordKeepingNorm,
+    ReducingBlockForward,
+    check_device,
+    check_overridable,
+    read_taps,
+    refuse_masks,
+)
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
@@ -234,7 +243,7 @@ def _mask_outside_export(mask: Tensor | None) -> Tensor | None:
     return None if exporting() else mask
 
 
-class ReducingLayerForward(BlockForward):
+class ReducingLayerForward(ReducingBlockForward):
     """Replaces a reducing layer's ``forward`` (forward hooks on the layer, such as ``output_hidden_states`` capture,
     see the reduced output)."""
 
@@ -252,14 +261,14 @@ class ReducingLayerForward(BlockForward):
         layer = self.block
         # what the class-level forward would have done (HF's wrapper also skips checkpointing without grad)
         if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-            return layer._gradient_checkpointing_func(partial(self.run, **kwargs), hidden_states)
-        return self.run(hidden_states, **kwargs)
+            return layer._gradient_checkpointing_func(partial(self.run, call=kwargs), hidden_states)
+        return self.run(hidden_states, kwargs)
 
-    def run(self, x: Tensor, **kwargs: object) -> Tensor:
-        layer, layout, state = self.block, self.layout, self.state
+    def attention_half(
+        self, x: Tensor, record: TokenRecord | None, bias: Tensor | None, kwargs: dict
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        layer, layout = self.block, self.layout
         attention = getattr(layer, layout.attention)
-        record = state.incoming(self.layer, x)
-        bias = state.attention_bias(record, x)
         if self.rotary is not None:
             kwargs = _surviving_rotary(kwargs, record)
         normed = getattr(layer, layout.norm1)(x)
@@ -270,14 +279,17 @@ class ReducingLayerForward(BlockForward):
             q, k = self.rotary(q, k, *kwargs["position_embeddings"])
         for name in layout.after_attention:
             y = getattr(layer, name)(y)
-        x, record = state.reduce(self.layer, x + y, q, k, getattr(attention, layout.scale), record, attn_bias=bias)
+        return y, q, k, getattr(attention, layout.scale)
+
+    def mlp_half(self, x: Tensor) -> Tensor:
+        layer, layout = self.block, self.layout
         y = getattr(layer, layout.mlp)(getattr(layer, layout.norm2)(x))
         for name in layout.after_mlp:
             y = getattr(layer, name)(y)
-        return self.leave(x + y, record)
+        return y
 
 
-class LaterLayerForward(BlockForward):
+class LaterLayerForward(LaterBlockForward):
     """A layer after the first reduction that does not reduce itself: runs its own forward (with ``prop_attn``,
     with ``log(size)`` as the additive attention mask: sdpa and eager both add a float mask to the logits) and
     passes the tokens' record on to its output."""
@@ -286,20 +298,17 @@ class LaterLayerForward(BlockForward):
         super().__init__(layer, state, index)
         self.rotary = _rotary(layer)
 
-    def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: object) -> Tensor:
-        state = self.state
+    def compute(
+        self, x: Tensor, record: TokenRecord | None, attention_mask: Tensor | None = None, **kwargs: object
+    ) -> Tensor | tuple:
         attention_mask = _mask_outside_export(attention_mask)
-        record = state.incoming(self.layer, hidden_states)
         if self.rotary is not None:
             kwargs = _surviving_rotary(kwargs, record)
-        bias = state.attention_bias(record, hidden_states)
+        bias = self.state.attention_bias(record, x)
         if bias is not None:
             refuse_masks(self.layer, attention_mask, name="attention_mask")
             attention_mask = bias
-        out = type(self.block).forward(self.block, hidden_states, attention_mask, **kwargs)
-        if isinstance(out, tuple):  # layers of older layouts return (hidden_states, ...)
-            return (self.leave(out[0], record), *out[1:])
-        return self.leave(out, record)
+        return type(self.block).forward(self.block, x, attention_mask, **kwargs)
 
 
 class SizeWeightedPatchMean:
@@ -487,7 +496,7 @@ class HFBackend:
         return any(cls.__name__.startswith(names) for cls in type(model).__mro__ if cls in _registry().models)
 
     def tokens_of(self, block_output: object) -> int:
-        return (block_output[0] if isinstance(block_output, (tuple, list)) else block_output).shape[1]
+        return computed_tokens(block_output[0] if isinstance(block_output, (tuple, list)) else block_output)
 
     def block_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
         layout = _layout(block)

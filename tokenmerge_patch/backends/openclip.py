@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dense import intermediate_map
-from ..records import record_of, record_sizes
+from ..records import computed_tokens, record_of, record_sizes
 from ..reduce import size_weighted_mean
 from . import shared
-from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
+from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
@@ -105,7 +105,7 @@ def _refuse_extra(layer: int, args: tuple, kwargs: dict) -> None:
     refuse_masks(layer, next((a for a in extra if a is not None), None), name="attn_mask / k_x / v_x")
 
 
-class ReducingBlockForward(BlockForward):
+class ReducingBlockForward(shared.ReducingBlockForward):
     """Replaces a reducing block's ``forward``."""
 
     def __init__(self, block: nn.Module, state: TokenMergeState, layer: int) -> None:
@@ -115,10 +115,13 @@ class ReducingBlockForward(BlockForward):
 
     def __call__(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
         _refuse_extra(self.layer, args, kwargs)
-        block, state = self.block, self.state
-        check_device(x, block.mlp.c_fc.weight)
-        record = state.incoming(self.layer, x)
-        bias = state.attention_bias(record, x)
+        check_device(x, self.block.mlp.c_fc.weight)
+        return self.run(x)
+
+    def attention_half(
+        self, x: Tensor, record: tuple | None, bias: Tensor | None, call: object
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        block = self.block
         normed = block.ln_1(x)
         if self.taps:
             attn = block.attn
@@ -127,9 +130,11 @@ class ReducingBlockForward(BlockForward):
         else:
             y, q, k = mha_self_attention(block.attn, normed, bias)
             scale = block.attn.head_dim**-0.5
-        x = x + block.ls_1(y)
-        x, record = state.reduce(self.layer, x, q, k, scale, record, attn_bias=bias)
-        return self.leave(x + block.ls_2(block.mlp(block.ln_2(x))), record)
+        return block.ls_1(y), q, k, scale
+
+    def mlp_half(self, x: Tensor) -> Tensor:
+        block = self.block
+        return block.ls_2(block.mlp(block.ln_2(x)))
 
 
 class LaterBlockForward(shared.LaterBlockForward):
@@ -290,7 +295,7 @@ class OpenCLIPBackend:
         return _visual(model).pool_type == "tok"
 
     def tokens_of(self, block_output: object) -> int:
-        return block_output.shape[1]
+        return computed_tokens(block_output)
 
     def block_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
         width = (

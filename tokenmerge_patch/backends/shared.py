@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from torch import Tensor, nn
 
-from ..records import record_of
+from ..dense import merge_groups, spread_groups
+from ..records import groups_of, record_of, tag_groups
 
 if TYPE_CHECKING:
     from ..patch import TokenMergeState
@@ -63,26 +64,86 @@ class BlockForward:
         self.block, self.state, self.layer = block, state, layer
 
     def leave(self, out: Tensor, record: tuple | None) -> Tensor:
-        if self.layer == self.state.depth - 1:
-            self.state.publish(record)
-        return self.state.collect(out, record)
+        state = self.state
+        if self.layer == state.depth - 1:
+            state.publish(record)
+        if state.config.dense:  # full-resolution tokens, read as such; their merge groups travel apart
+            return tag_groups(state.collect(out, None), record)
+        return state.collect(out, record)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer})"
 
 
-class LaterBlockForward(BlockForward):
-    """A block after the first reduction that does not reduce itself: runs its own forward and passes the tokens'
-    record on; with ``prop_attn`` (a ``log(size)`` key bias to add), a backend's :meth:`with_bias` runs it."""
+class ReducingBlockForward(BlockForward):
+    """Base of a reducing block's forward: where the reduction sits in a block, written once for every backend. A
+    backend says how its block computes its attention half (:meth:`attention_half`) and its MLP half
+    (:meth:`mlp_half`); its ``__call__`` checks the call and hands :meth:`run` what the attention half needs.
 
-    def __call__(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-        record = self.state.incoming(self.layer, x)
+    ``dense=False``: attention, reduce the tokens (the residual stream goes on with fewer), MLP. ``dense=True``: the
+    residual stream ``x`` keeps every patch; the attention half runs on the merge groups ``x`` arrived with, the
+    reduction makes the new groups from its output, the MLP half runs on those, and each update goes back to every
+    patch of its group (:func:`~tokenmerge_patch.dense.merge_groups`, :func:`~tokenmerge_patch.dense.spread_groups`).
+    """
+
+    def attention_half(
+        self, x: Tensor, record: tuple | None, bias: Tensor | None, call: object
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        """The attention branch for tokens ``x`` whose record is ``record`` (RoPE: where they sit): the update the
+        block adds to its residual stream (after LayerScale and drop path), the queries and keys ``[B, H, N, d]``
+        its attention used (rotated, for RoPE) and the softmax scale. ``bias``: ``log(size)`` per key
+        ``[B, 1, 1, N]`` to add to the attention logits, or ``None``; ``call``: what the block was called with."""
+        raise NotImplementedError
+
+    def mlp_half(self, x: Tensor) -> Tensor:
+        """The MLP branch's update for tokens ``x`` (after LayerScale and drop path)."""
+        raise NotImplementedError
+
+    def run(self, x: Tensor, call: object = None) -> Tensor:
+        state, layer = self.state, self.layer
+        record = state.incoming(layer, x)
+        if state.config.dense:
+            return self._run_dense(x, record, call)
+        bias = state.attention_bias(record, x)
+        y, q, k, scale = self.attention_half(x, record, bias, call)
+        x, record = state.reduce(layer, x + y, q, k, scale, record, attn_bias=bias)
+        return self.leave(x + self.mlp_half(x), record)
+
+    def _run_dense(self, x: Tensor, groups: tuple | None, call: object) -> Tensor:
+        state, prefix = self.state, self.state.num_prefix
+        merged = merge_groups(x, groups, prefix)
+        bias = state.attention_bias(groups, merged)
+        y, q, k, scale = self.attention_half(merged, groups, bias, call)
+        after = merged + y
+        _, new_groups = state.reduce(self.layer, after, q, k, scale, groups, attn_bias=bias)  # the groups only
+        x = after if merged is x else x + spread_groups(y, groups, prefix)
+        update = self.mlp_half(merge_groups(x, new_groups, prefix))
+        return self.leave(x + spread_groups(update, new_groups, prefix), new_groups)
+
+
+class LaterBlockForward(BlockForward):
+    """A block after the first reduction that does not reduce itself: runs its own forward (:meth:`compute`) and
+    passes the tokens' record on. With ``dense=True`` it computes on the merge groups of the full-resolution stream
+    and hands each group's update back to its patches."""
+
+    def __call__(self, x: Tensor, *args: object, **kwargs: object) -> Tensor | tuple:
+        state = self.state
+        record = state.incoming(self.layer, x)
+        merged = merge_groups(x, record, state.num_prefix) if state.config.dense else x
+        out = self.compute(merged, record, *args, **kwargs)
+        out, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())  # older layouts: (hidden_states, ...)
+        if merged is not x:
+            out = x + spread_groups(out - merged, record, state.num_prefix)
+        out = self.leave(out, record)
+        return (out, *rest) if rest else out
+
+    def compute(self, x: Tensor, record: tuple | None, *args: object, **kwargs: object) -> Tensor | tuple:
+        """The block's own forward on tokens ``x`` whose record is ``record``; with ``prop_attn`` (a ``log(size)``
+        key bias to add), a backend's :meth:`with_bias` runs it."""
         bias = self.state.attention_bias(record, x)
         if bias is None:
-            out = type(self.block).forward(self.block, x, *args, **kwargs)
-        else:
-            out = self.with_bias(x, bias, args, kwargs)
-        return self.leave(out, record)
+            return type(self.block).forward(self.block, x, *args, **kwargs)
+        return self.with_bias(x, bias, args, kwargs)
 
     def with_bias(self, x: Tensor, bias: Tensor, args: tuple, kwargs: dict) -> Tensor:
         """The block's forward with ``bias`` ``[B, 1, 1, N]`` added to its attention logits (``args``/``kwargs``: the
@@ -118,7 +179,8 @@ class RecordKeepingNorm:
     def __call__(self, x: Tensor) -> Tensor:
         record = record_of(x)
         self.state.publish(record)
-        return self.state.collect(type(self.norm).forward(self.norm, x), record)
+        out = self.state.collect(type(self.norm).forward(self.norm, x), record)
+        return tag_groups(out, groups_of(x))  # dense=True: still the full-resolution stream (unmerge returns it)
 
 
 def refuse_masks(layer: int, mask: Tensor | None, is_causal: bool = False, name: str = "attn_mask") -> None:

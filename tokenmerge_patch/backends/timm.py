@@ -23,16 +23,16 @@ except ImportError:  # pragma: no cover
     FeatureGetterNet = ()
 
 from ..dense import intermediate_map
-from ..records import record_of, record_sizes
+from ..records import computed_tokens, record_of, record_sizes
 from ..reduce import size_weighted_mean
 from . import shared
-from .shared import BlockForward, OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
+from .shared import OutputTap, RecordKeepingNorm, check_device, check_overridable, read_taps, refuse_masks
 
 if TYPE_CHECKING:
     from ..patch import PatchConfig, TokenMergeState
 
 
-class ReducingBlockForward(BlockForward):
+class ReducingBlockForward(shared.ReducingBlockForward):
     """Replaces ``Block.forward`` on a reducing block."""
 
     def __init__(self, block: Block, state: TokenMergeState, layer: int) -> None:
@@ -42,16 +42,20 @@ class ReducingBlockForward(BlockForward):
 
     def __call__(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         refuse_masks(self.layer, attn_mask, is_causal)
-        block, state = self.block, self.state
-        attn = block.attn
-        check_device(x, attn.qkv.weight)
-        record = state.incoming(self.layer, x)
-        bias = state.attention_bias(record, x)
+        check_device(x, self.block.attn.qkv.weight)
+        return self.run(x)
+
+    def attention_half(
+        self, x: Tensor, record: tuple | None, bias: Tensor | None, call: object
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        block, attn = self.block, self.block.attn
         normed = block.norm1(x)
         y, (q, k) = read_taps(self.taps, lambda: attn(normed) if bias is None else attn(normed, attn_mask=bias))
-        x = x + block.drop_path1(block.ls1(y))
-        x, record = state.reduce(self.layer, x, q, k, attn.scale, record, attn_bias=bias)
-        return self.leave(x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))), record)
+        return block.drop_path1(block.ls1(y)), q, k, attn.scale
+
+    def mlp_half(self, x: Tensor) -> Tensor:
+        block = self.block
+        return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 class LaterBlockForward(shared.LaterBlockForward):
@@ -274,7 +278,7 @@ class TimmBackend:
         return has_class and model.global_pool == "token" and getattr(model, "attn_pool", None) is None
 
     def tokens_of(self, block_output: object) -> int:
-        return block_output.shape[1]
+        return computed_tokens(block_output)
 
     def block_parts(self, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
         return block.attn, block.mlp, block.attn.num_heads * block.attn.head_dim

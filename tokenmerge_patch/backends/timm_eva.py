@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..records import record_positions
 from ..reduce import rotary_rows
-from .shared import BlockForward, OutputTap, check_device, read_taps, refuse_masks
+from .shared import LaterBlockForward, OutputTap, ReducingBlockForward, check_device, read_taps, refuse_masks
 from .timm import TimmBackend
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def _weight(attn: nn.Module) -> Tensor:
     return attn.proj.weight
 
 
-class EvaReducingBlockForward(BlockForward):
+class EvaReducingBlockForward(ReducingBlockForward):
     """Replaces ``EvaBlock.forward`` on a reducing block."""
 
     def __init__(self, block: EvaBlock, state: TokenMergeState, layer: int) -> None:
@@ -75,43 +75,50 @@ class EvaReducingBlockForward(BlockForward):
         self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
     ) -> Tensor:
         refuse_masks(self.layer, attn_mask, is_causal)
-        block, state = self.block, self.state
-        attn = block.attn
-        check_device(x, _weight(attn))
-        record = state.incoming(self.layer, x)
+        check_device(x, _weight(self.block.attn))
+        return self.run(x, rope)
+
+    def attention_half(
+        self, x: Tensor, record: tuple | None, bias: Tensor | None, rope: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, float]:
+        block, attn = self.block, self.block.attn
         rope = surviving_rope(rope, record_positions(record))
-        bias = state.attention_bias(record, x)
         normed = block.norm1(x)
         y, (q, k) = read_taps(self.taps, lambda: attn(normed, rope=rope, attn_mask=bias))
         q, k = rotate_like_attention(attn, q, k, rope)
         if block.gamma_1 is not None:
             y = block.gamma_1 * y
-        x = x + block.drop_path1(y)
-        x, record = state.reduce(self.layer, x, q, k, attn.scale, record, attn_bias=bias)
+        return block.drop_path1(y), q, k, attn.scale
+
+    def mlp_half(self, x: Tensor) -> Tensor:
+        block = self.block
         y = block.mlp(block.norm2(x))
         if block.gamma_2 is not None:
             y = block.gamma_2 * y
-        return self.leave(x + block.drop_path2(y), record)
+        return block.drop_path2(y)
 
 
-class EvaLaterBlockForward(BlockForward):
+class EvaLaterBlockForward(LaterBlockForward):
     """A block after the first reduction that does not reduce itself: runs its own forward with the rotary rows of
     its tokens (and, with ``prop_attn``, ``log(size)`` as the attention's float mask), and passes the tokens'
     record on to its output."""
 
-    def __call__(
-        self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+    def compute(
+        self,
+        x: Tensor,
+        record: tuple | None,
+        rope: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
     ) -> Tensor:
         block, state = self.block, self.state
-        record = state.incoming(self.layer, x)
         rope = surviving_rope(rope, record_positions(record))
         bias = state.attention_bias(record, x)
         if bias is not None:
             refuse_masks(self.layer, attn_mask, is_causal)
             check_device(x, _weight(block.attn))
             attn_mask = bias
-        out = type(block).forward(block, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        return self.leave(out, record)
+        return type(block).forward(block, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
 
 
 class EvaBackend(TimmBackend):

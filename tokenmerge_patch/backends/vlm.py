@@ -158,6 +158,11 @@ class VLMBackend:
 
     def check(self, model: nn.Module, config: PatchConfig) -> int:
         terms = contract(model)
+        if config.dense:
+            raise ValueError(
+                f"dense=True keeps every patch token, but the language model of {type(model).__name__} is what fewer "
+                "image tokens are for: patch it without dense (visual_tokens=K, or layers/keep_rate/flops)"
+            )
         check_overridable(terms.inner, "the model's get_placeholder_mask", (CheckedPlaceholders,))
         return hf.BACKEND.check(terms.tower, config)
 
