@@ -11,7 +11,12 @@ reads), merge in steps from a quarter of the tower on (fewer tower FLOPs too), d
 matching, all variants in interleaved rounds (speedups are medians of per-round ratios), next to their FLOPs
 (``count_flops`` for the image side, the analytic count for the prefill, checked against fvcore in the run). Plus
 the time to first token of ``generate``, the reduction's own time inside the tower (timed around the library's
-reduction), and the FLOPs of a LLaVA-1.5-7B shape (ViT-L/14 at 336 px + a 7B Llama), counted only. Writes
+reduction), and the FLOPs of a LLaVA-1.5-7B shape (ViT-L/14 at 336 px + a 7B Llama), counted only.
+
+Each token count also has a ``limit`` row: the unpatched tower and projector, their first K features handed to the
+language model as embeddings (no reduction at all). It is the fastest any reducer that keeps the tower whole can be
+at K tokens on this machine: how far the measured speedups fall short of the FLOPs ratio because the language model
+itself runs less efficiently on fewer tokens, and how much of the gap is the library's. Writes
 ``vlm.md``, ``vlm.csv`` and ``vlm.png``; only the default full run writes those names.
 
 ``--device cuda --dtype bf16`` runs on a GPU (unmeasured here: no GPU on the machine these results come from).
@@ -103,7 +108,7 @@ def configure(model: torch.nn.Module, method: str, tokens: int, full: int) -> No
     LLM reads; merge-early: merge in geometric steps from a quarter of the tower to that layer; bipartite: the fewest
     layers that reach ``tokens``, ending there)."""
     tm.unpatch(model)
-    if method == "unpatched":
+    if method in ("unpatched", "limit"):  # the limit runs the unpatched tower and cuts its features itself
         return
     depth = len(model.model.vision_tower.encoder.layers)
     read, layers = depth - 2, None  # LLaVA reads the second-to-last layer
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def prompt(tokens: int) -> torch.Tensor:
         return torch.tensor([[IMAGE] * tokens + list(range(1, 1 + shape["text"]))], device=device)
 
-    variants = [("unpatched", full)] + [(method, tokens) for tokens in counts for method in methods]
+    variants = [("unpatched", full)] + [(method, tokens) for tokens in counts for method in (*methods, "limit")]
 
     # FLOPs: the image side counted by fvcore, the prefill analytically (checked against fvcore once, unpatched)
     flops = {}
@@ -211,9 +216,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ids = prompt(tokens)
         return lambda: model.generate(input_ids=ids, pixel_values=images, max_new_tokens=1, do_sample=False)
 
-    def timed(make) -> dict[str, list[float]]:
+    text_embeddings = model.get_input_embeddings()(prompt(0))
+
+    def limit_embeddings(tokens: int) -> torch.Tensor:
+        """The unpatched tower and projector, their first ``tokens`` features before the text's embeddings."""
+        features = model.model.get_image_features(
+            pixel_values=images,
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        ).pooler_output
+        features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+        return torch.cat([features.reshape(1, -1, features.shape[-1])[:, :tokens], text_embeddings], dim=1)
+
+    def limit_prefill(tokens: int):
+        return lambda: model(inputs_embeds=limit_embeddings(tokens), logits_to_keep=1)
+
+    def limit_first_token(tokens: int):
+        return lambda: model.generate(inputs_embeds=limit_embeddings(tokens), max_new_tokens=1, do_sample=False)
+
+    with torch.inference_mode():  # the limit at the full count is the unpatched prefill, exactly
+        expected = prefill(full)().logits
+        torch.testing.assert_close(limit_prefill(full)().logits, expected, rtol=1e-4, atol=1e-4)
+
+    def timed(make, make_limit) -> dict[str, list[float]]:
         runs = {
-            f"{method}/{tokens}": Variant(lambda m=method, t=tokens: configure(model, m, t, full), make(tokens))
+            f"{method}/{tokens}": Variant(
+                lambda m=method, t=tokens: configure(model, m, t, full),
+                (make_limit if method == "limit" else make)(tokens),
+            )
             for method, tokens in variants
         }
         if autocast is not None:
@@ -221,12 +251,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 return interleaved_timings(runs, rounds=rounds, progress=progress, desc="vlm")
         return interleaved_timings(runs, rounds=rounds, progress=progress, desc="vlm")
 
-    prefill_times = timed(prefill)
-    ttft_times = timed(first_token)
+    prefill_times = timed(prefill, limit_prefill)
+    ttft_times = timed(first_token, limit_first_token)
 
     # the reduction's own time inside the tower, in a prefill of each patched variant
     reduction = {}
-    for method, tokens in variants[1:]:
+    for method, tokens in (v for v in variants[1:] if v[0] != "limit"):
         configure(model, method, tokens, full)
         run = prefill(tokens)
         with torch.inference_mode(), ReductionClock() as clock:
@@ -246,6 +276,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ttft = statistics.median(b / t for b, t in zip(base_ttft, ttft_times[key], strict=True))
         seconds = statistics.median(prefill_times[key])
         own = reduction.get((method, tokens))
+        limit_speedup = (
+            statistics.median(b / t for b, t in zip(base, prefill_times[f"limit/{tokens}"], strict=True))
+            if method != "unpatched"
+            else 1.0
+        )
         rows.append(
             {
                 "method": method,
@@ -257,6 +292,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "prefill ms": 1000 * seconds,
                 "prefill speedup": speedup,
                 "speedup ÷ FLOPs ratio": speedup / (base_flops / total),
+                "speedup ÷ limit's": speedup / limit_speedup,
                 "TTFT ms": 1000 * statistics.median(ttft_times[key]),
                 "TTFT speedup": ttft,
                 "reduction ms": None if own is None else 1000 * own,
@@ -307,7 +343,8 @@ def plot(rows: list[dict], path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(row["method"] for row in rows if row["method"] != "unpatched"):
         mine = [row for row in rows if row["method"] in (method, "unpatched")]
-        left.plot([r["image tokens"] for r in mine], [r["prefill speedup"] for r in mine], "o-", label=method)
+        style, label = ("s:", "limit (no reduction: K features cut)") if method == "limit" else ("o-", method)
+        left.plot([r["image tokens"] for r in mine], [r["prefill speedup"] for r in mine], style, label=label)
     base = [row for row in rows if row["method"] in ("unpatched", "merge")]
     left.plot([r["image tokens"] for r in base], [r["FLOPs ratio"] for r in base], "k--", label="FLOPs ratio")
     left.set(xlabel="image tokens the LLM reads", ylabel="prefill speedup (×)", title="Prefill speedup")

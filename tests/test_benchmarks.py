@@ -75,9 +75,13 @@ def test_vlm_quick_run(tmp_path: Path) -> None:
         ("unpatched", 64),
         ("merge", 16),
         ("bipartite", 16),
+        ("limit", 16),
     ]
     assert rows[1]["LLM prefill GFLOPs"] < rows[0]["LLM prefill GFLOPs"] and rows[1]["FLOPs ratio"] > 1
-    assert rows[1]["reduction ms"] is not None and rows[0]["reduction ms"] is None
+    assert rows[1]["reduction ms"] is not None and rows[0]["reduction ms"] is None and rows[3]["reduction ms"] is None
+    # the limit keeps the whole tower and hands the LLM as many tokens as merge: the same prefill, more tower FLOPs
+    assert rows[3]["LLM prefill GFLOPs"] == rows[1]["LLM prefill GFLOPs"]
+    assert rows[3]["tower GFLOPs"] == rows[0]["tower GFLOPs"] and rows[3]["speedup ÷ limit's"] == 1.0
     for suffix in ("csv", "md", "png"):
         assert (tmp_path / f"vlm_quick.{suffix}").is_file()
     assert_untouched(tmp_path, copies)
