@@ -81,7 +81,9 @@ TUNING: dict[str, dict] = {
     "all, lr 3e-5, 120 steps": {"trainable": "all", "lr": 3e-5, "steps": 120},
 }
 TUNING = {name: {"trainable": "norms", "batch_size": 32, **recipe} for name, recipe in TUNING.items()}
-FULL = {"budgets": [0.8, 0.65, 0.5, 0.4], "eval_images": 500, "heal_images": 500, "calib_images": 256, "steps": None}
+# the two budgets whose goals the heal issue names (a heal and a ToMe heal per budget cost ~15 min on 2 cores);
+# --budgets 0.8,0.65,0.5,0.4 draws the curve (written as heal_quick.*, not the committed name)
+FULL = {"budgets": [0.65, 0.5], "eval_images": 500, "heal_images": 500, "calib_images": 256, "steps": None}
 QUICK = {"budgets": [0.5], "eval_images": 50, "heal_images": 48, "calib_images": 32, "steps": 4}
 TUNE = {"budgets": [0.5]}
 TIME = {"budgets": [0.5]}
@@ -97,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tune", action="store_true", help="compare recipes on the calibration half: heal_tuning.*")
     parser.add_argument("--time-only", action="store_true", help="the default heal alone, timed: heal_time.*")
     parser.add_argument("--swap-halves", action="store_true", help="heal on the odd classes, evaluate on the even")
-    parser.add_argument("--budgets", default=None, help="FLOPs fractions (default 0.8,0.65,0.5,0.4; --tune: 0.5)")
+    parser.add_argument("--budgets", default=None, help="FLOPs fractions (default 0.65,0.5; --tune: 0.5)")
     parser.add_argument("--eval-images", type=int, default=None, help="evaluation-half images (default 500)")
     parser.add_argument("--heal-images", type=int, default=None, help="calibration-half images heal sees (500)")
     parser.add_argument("--calib-images", type=int, default=None, help="of those, how many calibrate sees (256)")
