@@ -5,6 +5,7 @@
     python benchmarks/heal.py --tune           # how the defaults were chosen, calibration half only (heal_tuning.*)
     python benchmarks/heal.py --time-only      # the default heal alone (teacher=None) at 0.5 of the FLOPs (heal_time.*)
     python benchmarks/heal.py --quick          # a few images and steps, one budget (heal_quick.*, not committed)
+    python benchmarks/heal.py --budgets 0.8,0.4 --stem heal_ends  # fold 1 at the two other budgets (heal_ends.*)
 
 The 1000 ImageNet images of ../shared are split by class index (``tokenmerge_patch.data.split_by_class``). On the
 **calibration half** (500 images, even classes): ``tm.calibrate`` picks the plan at each FLOPs budget from 256 of
@@ -78,7 +79,7 @@ TUNING: dict[str, dict] = {
 }
 TUNING = {name: {"trainable": "norms", "batch_size": 32, **recipe} for name, recipe in TUNING.items()}
 # the two budgets whose goals the heal issue names (a heal and a ToMe heal per budget cost ~15 min on 2 cores);
-# --budgets 0.8,0.65,0.5,0.4 draws the curve (written as heal_quick.*, not the committed name)
+# --budgets 0.8,0.4 --stem heal_ends adds the ends of the curve (committed); other --budgets write heal_quick.*
 FULL = {"budgets": [0.65, 0.5], "eval_images": 500, "heal_images": 500, "calib_images": 256, "steps": None}
 QUICK = {"budgets": [0.5], "eval_images": 50, "heal_images": 48, "calib_images": 32, "steps": 4}
 TUNE = {"budgets": [0.5]}
@@ -168,6 +169,7 @@ class Bench:
         self.fit = BudgetFit(copy.deepcopy(self.base), self.input_size)
         self.reference = self.logits(self.base, "unpatched")
         self.rows: list[dict] = []
+        self.notes: list[str] = []  # what the table leaves out, and why
         self.teacher = CachedTeacher(copy.deepcopy(self.base))
 
     @torch.inference_mode()
@@ -184,15 +186,17 @@ class Bench:
                             max_block_runs=self.args.calib_block_runs, progress=self.args.progress)  # fmt: skip
         return plan, time.perf_counter() - tick
 
-    def tome(self, budget: float) -> tuple[tm.PatchConfig, int]:
+    def tome(self, budget: float) -> tuple[tm.PatchConfig, int, float]:
+        """ToMe's plan for ``budget``: its config, its ``r`` and the FLOPs fraction it lands at (above ``budget`` when
+        the largest ``r`` this model allows cannot reach it)."""
         fit = self.fit
 
         def apply(r: int) -> None:
             rates = tome_keep_rates(fit.num_tokens, fit.prefix, range(fit.depth), r)
             tm.patch(fit.model, range(fit.depth), rates, method="bipartite", prop_attn=True)
 
-        r, _, _ = fit.tome_r(budget, apply)
-        return tm.patch_config(fit.model), r
+        r, _, fraction = fit.tome_r(budget, apply)
+        return tm.patch_config(fit.model), r, fraction
 
     def row(self, budget: float, plan_name: str, config: tm.PatchConfig, healed: str, *, reuse: bool = False,
             own_teacher: bool = False, **heal_kwargs) -> dict:  # fmt: skip
@@ -298,7 +302,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             bench.row(budget, "calibrated", plan, name, reuse=name != "norms", **steps, **recipe)
             if args.quick:
                 break
-        tome, r = bench.tome(budget)
+        tome, r, fraction = bench.tome(budget)
+        if fraction > budget + 0.01:  # a constant r merges at most (patches - 1) / depth tokens a block
+            bench.notes.append(
+                f"ToMe's constant-r schedule cannot reach {budget:g} of the FLOPs on this model (r = {r} is the "
+                f"largest, {fraction:.3f}): no ToMe rows at {budget:g}."
+            )
+            continue
         bench.row(budget, f"ToMe r={r}", tome, "off the shelf")
         bench.row(budget, f"ToMe r={r}", tome, "norms", reuse=not args.quick, **steps)
     total = time.perf_counter() - started
@@ -351,6 +361,7 @@ def write(args: argparse.Namespace, bench: Bench, threads: int, total: float) ->
             },
         ),
         "",
+        *[f"{note}\n" for note in bench.notes],
         f"Device {bench.device.type}, {threads} threads (a shared machine: other jobs ran beside this one); whole run "
         f"{total:.0f} s ({total / 60:.1f} min).",
     ]

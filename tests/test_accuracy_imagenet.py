@@ -184,3 +184,17 @@ def test_heal_quick_run(tmp_path: Path) -> None:
         assert healed["steps"] == 2 and healed["heal s"] > 0 and 0 <= healed["kept step"] <= 2
     assert rows[3]["plan json"]["method"] == "bipartite"
     assert "| 0.50 | calibrated | norms |" in (tmp_path / "heal_quick.md").read_text()
+
+
+@needs_imagenet
+@pytest.mark.slow
+def test_heal_run_says_where_tome_cannot_reach(tmp_path: Path) -> None:
+    """At 0.4 of the FLOPs ToMe's constant r runs out (r <= 196 // 12 on DeiT-T lands near 0.5): the run writes no
+    ToMe rows at that budget, and its table says why, instead of showing a plan at another budget under 0.4."""
+    heal = load_benchmark("heal")
+    argv = ["--budgets", "0.4", "--eval-images", "8", "--heal-images", "16", "--calib-images", "8", "--steps", "1"]
+    rows = heal.main([*argv, "--calib-block-runs", "24", "--workers", "0", "--no-progress", "--out", str(tmp_path)])
+    assert [row["plan"] for row in rows] == ["unpatched", "calibrated", "calibrated", "calibrated"]
+    assert all(row["FLOPs"] <= 0.4 for row in rows[1:])
+    text = (tmp_path / "heal_quick.md").read_text()
+    assert "ToMe's constant-r schedule cannot reach 0.4 of the FLOPs on this model (r = 16 is the largest" in text

@@ -148,6 +148,7 @@ OUTPUTS = [
     ("heal", ["--swap-halves", "--quick"], ["heal_swapped_quick"]),
     ("heal", ["--steps", "10"], ["heal_quick"]),
     ("heal", ["--budgets", "0.5"], ["heal_quick"]),
+    ("heal", ["--budgets", "0.8,0.4", "--stem", "heal_ends"], ["heal_ends"]),
     ("heal", ["--tune", "--recipes", "norms, lr 1e-3, 120 steps"], ["heal_tuning_quick"]),
     ("merge_pictures", [], ["merge_groups_mnist", "merge_groups_photos"]),
     ("merge_pictures", ["--keep-rate", "0.3"], ["merge_groups_mnist_quick", "merge_groups_photos_quick"]),
